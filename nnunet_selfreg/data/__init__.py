@@ -1,0 +1,1 @@
+"""Datasets in nnU-Net's raw format: a synthetic generator (tests, offline fallback)."""

@@ -1,0 +1,85 @@
+"""nnU-Net's segmentation loss plus a weighted regulariser on tapped features."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from nnunet_selfreg.losses.selfreg import SelfRegRegularizer
+from nnunet_selfreg.taps import UNetFeatureTaps
+
+#: Order of the per-term sums kept on the device by :class:`RegularisedSegLoss`.
+STAT_KEYS = ("scr", "ifd_enc", "ifd_dec", "reg_weighted", "nonfinite_steps")
+
+
+class RegularisedSegLoss(nn.Module):
+    """``L = L_seg(output, target) + λ · L_reg(taps)``, a drop-in for nnU-Net's ``self.loss``.
+
+    ``seg_loss`` is nnU-Net's own loss (Dice+CE with deep supervision), called unchanged. The
+    regulariser runs only when the taps hold a training-mode forward's features, so validation
+    losses are the plain segmentation loss, as in the baseline. Per-term sums are accumulated on the
+    device (no host sync per step) and read once per epoch with :meth:`pop_epoch_means`. A
+    non-finite ``L_reg`` is dropped for that step (it contributes 0 and no gradient) and counted.
+    """
+
+    def __init__(
+        self,
+        seg_loss: nn.Module | Callable[[object, object], Tensor],
+        taps: UNetFeatureTaps,
+        regularizer: SelfRegRegularizer,
+        weight: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.seg_loss = seg_loss
+        self.taps = taps
+        self.regularizer = regularizer
+        self.weight = float(weight)
+        self.generator = generator
+        self._sums: Tensor | None = None
+        self._steps = 0
+
+    def forward(self, output, target) -> Tensor:
+        seg = self.seg_loss(output, target)
+        feats = self.taps.pop()
+        if feats is None:
+            return seg
+        terms = self.regularizer(*feats, generator=self.generator)
+        reg = terms["total"]
+        finite = torch.isfinite(reg)
+        reg = torch.where(finite, reg, torch.zeros_like(reg))
+        weighted = self.weight * reg
+        stats = torch.stack(
+            [
+                torch.where(finite, terms["scr"], torch.zeros_like(reg)).detach(),
+                torch.where(finite, terms["ifd_enc"], torch.zeros_like(reg)).detach(),
+                torch.where(finite, terms["ifd_dec"], torch.zeros_like(reg)).detach(),
+                weighted.detach(),
+                (~finite).float(),
+            ]
+        )
+        self._sums = stats if self._sums is None else self._sums + stats
+        self._steps += 1
+        return seg + weighted
+
+    def pop_epoch_means(self) -> tuple[dict[str, float], int]:
+        """Means of each term over the steps since the last call (finite steps only), and steps."""
+        steps = self._steps
+        if self._sums is None or steps == 0:
+            return {k: float("nan") for k in STAT_KEYS[:-1]} | {"nonfinite_steps": 0.0}, 0
+        sums = self._sums.detach().cpu().tolist()
+        self._sums, self._steps = None, 0
+        nonfinite = sums[-1]
+        finite_steps = max(steps - nonfinite, 1.0)
+        means = {k: v / finite_steps for k, v in zip(STAT_KEYS[:-1], sums[:-1], strict=True)}
+        means["nonfinite_steps"] = nonfinite
+        return means, steps
+
+    def epoch_sums(self) -> tuple[Tensor | None, int]:
+        """Raw device-side sums and step count (for all-reduce across DDP ranks)."""
+        return self._sums, self._steps
+
+    def set_epoch_sums(self, sums: Tensor | None, steps: int) -> None:
+        self._sums, self._steps = sums, steps

@@ -1,0 +1,57 @@
+"""Training-length variants, named and sized like nnU-Net's own ``nnUNetTrainer_Xepochs``.
+
+For every base trainer ``B`` and every length ``N`` nnU-Net ships (1, 5, 10, 20, 50, 100, 250, 500,
+750, 2000, 4000, 8000 epochs) there is ``B_1epoch`` / ``B_Nepochs``, a one-line subclass that sets
+``num_epochs = N``; so each SelfReg run has a same-length stock baseline
+(``nnUNetTrainer_Nepochs``) to compare with.
+"""
+
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+#: the lengths of nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs
+NNUNET_EPOCH_VARIANTS = (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)
+
+
+def epochs_suffix(n: int) -> str:
+    return "_1epoch" if n == 1 else f"_{n}epochs"
+
+
+def make_epoch_variant(base: type[nnUNetTrainer], num_epochs: int, module: str) -> type[nnUNetTrainer]:
+    """A subclass of ``base`` named ``base.__name__ + epochs_suffix(num_epochs)`` defined in ``module``."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = num_epochs
+
+    name = base.__name__ + epochs_suffix(num_epochs)
+    return type(
+        name,
+        (base,),
+        {
+            "__init__": __init__,
+            "__module__": module,
+            "__qualname__": name,
+            "__doc__": f"{base.__name__} trained for {num_epochs} epoch(s).",
+        },
+    )
+
+
+def define_epoch_variants(bases: list[type[nnUNetTrainer]], namespace: dict) -> list[str]:
+    """Create every variant of ``bases`` in ``namespace`` (a module's globals); return their names."""
+    names = []
+    for base in bases:
+        for n in NNUNET_EPOCH_VARIANTS:
+            cls = make_epoch_variant(base, n, namespace["__name__"])
+            namespace[cls.__name__] = cls
+            names.append(cls.__name__)
+    return names
