@@ -1,0 +1,1 @@
+"""Command-line tools of ``nnunet-selfreg`` (one module per sub-command)."""
