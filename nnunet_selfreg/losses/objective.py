@@ -14,6 +14,24 @@ from nnunet_selfreg.taps import UNetFeatureTaps
 STAT_KEYS = ("scr", "ifd_enc", "ifd_dec", "reg_weighted", "nonfinite_steps")
 
 
+class _GradientGate(torch.autograd.Function):
+    """Identity forward; backward lets the gradient through only if ``flag`` (filled later) is True.
+
+    ``flag`` is a 0-dim bool tensor that the caller sets *after* the forward of the regulariser, once
+    it knows whether ``L_reg`` is finite; so a NaN/inf regulariser sends zero gradient into the
+    network without any host-device synchronisation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, flag: Tensor) -> Tensor:
+        ctx.flag = flag
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return torch.where(ctx.flag, grad, torch.zeros_like(grad)), None
+
+
 class RegularisedSegLoss(nn.Module):
     """``L = L_seg(output, target) + λ · L_reg(taps)``, a drop-in for nnU-Net's ``self.loss``.
 
@@ -46,9 +64,12 @@ class RegularisedSegLoss(nn.Module):
         feats = self.taps.pop()
         if feats is None:
             return seg
-        terms = self.regularizer(*feats, generator=self.generator)
+        gate = torch.ones((), dtype=torch.bool, device=seg.device)
+        enc, dec = ([_GradientGate.apply(f, gate) for f in group] for group in feats)
+        terms = self.regularizer(enc, dec, generator=self.generator)
         reg = terms["total"]
         finite = torch.isfinite(reg)
+        gate.copy_(finite)
         reg = torch.where(finite, reg, torch.zeros_like(reg))
         weighted = self.weight * reg
         stats = torch.stack(

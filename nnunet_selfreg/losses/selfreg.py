@@ -191,10 +191,7 @@ class SelfRegRegularizer(nn.Module):
                     teacher,
                 )
                 out["ifd_dec"] = _mean(
-                    [
-                        internal_feature_distillation_loss(f, self.detach_first_half)
-                        for f in decoder_features[:-1]
-                    ],
+                    [internal_feature_distillation_loss(f, self.detach_first_half) for f in decoder_features[:-1]],
                     teacher,
                 )
             if self.use_scr and students:

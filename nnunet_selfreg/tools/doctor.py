@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     pth = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nnunet_selfreg_discovery.pth"))
     print(f"  start-up hook (.pth): {pth[0] if pth else 'not found in ' + sysconfig.get_paths()['purelib']}")
     print(f"  nnUNet_extTrainer = {os.environ.get(_discovery.ENV_VAR, '<unset>')}")
-    print(f"  our shim folder: {_discovery.EXT_TRAINER_DIR} ({'listed' if _discovery.is_registered() else 'NOT listed'})")
+    print(
+        f"  our shim folder: {_discovery.EXT_TRAINER_DIR} ({'listed' if _discovery.is_registered() else 'NOT listed'})"
+    )
     if not args.skip_lookup:
         ok, detail = probe_discovery()
         print(f"  nnU-Net finds nnUNetTrainerSelfReg: {'yes -> ' + detail if ok else 'NO: ' + detail}")

@@ -44,9 +44,7 @@ class ExtendedLocalLogger(LocalLogger):
             append_panel(path, self.my_fantastic_logging, self.extra_keys, self.title)
 
 
-def install_extended_logger(
-    logger: MetaLogger, extra_keys: dict[str, str], title: str
-) -> ExtendedLocalLogger:
+def install_extended_logger(logger: MetaLogger, extra_keys: dict[str, str], title: str) -> ExtendedLocalLogger:
     """Swap the MetaLogger's local logger for an :class:`ExtendedLocalLogger` (keeping its values)."""
     old = logger.local_logger
     new = ExtendedLocalLogger(extra_keys, title, verbose=getattr(old, "verbose", False))
@@ -70,9 +68,7 @@ def append_panel(png_path: str, values: dict[str, list], keys: dict[str, str], t
         ax.plot(x, y, ls="-", label=label, linewidth=4)
         finite = y[np.isfinite(y)]
         positive &= bool(finite.size == 0 or (finite > 0).all())
-    has_data = any(
-        np.isfinite(np.asarray(values.get(k, [])[:n], dtype=float)).any() for k in keys if values.get(k)
-    )
+    has_data = any(np.isfinite(np.asarray(values.get(k, [])[:n], dtype=float)).any() for k in keys if values.get(k))
     if positive and has_data:
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -88,9 +84,7 @@ def append_panel(png_path: str, values: dict[str, list], keys: dict[str, str], t
         base = np.concatenate([base, np.ones(base.shape[:2] + (1,), np.float32)], axis=2)
     if panel.shape[1] != width_px:  # rounding of figure size: pad or crop to the same width
         pad = width_px - panel.shape[1]
-        panel = (
-            np.pad(panel, ((0, 0), (0, pad), (0, 0)), constant_values=1.0) if pad > 0 else panel[:, :width_px]
-        )
+        panel = np.pad(panel, ((0, 0), (0, pad), (0, 0)), constant_values=1.0) if pad > 0 else panel[:, :width_px]
     tmp = png_path + ".tmp.png"
     plt.imsave(tmp, np.concatenate([base, panel], axis=0))
     os.replace(tmp, png_path)

@@ -26,9 +26,7 @@ _LOG_KEYS = {
 def validate_weight(value: Any, name: str) -> float:
     """A regulariser weight must be a finite real number >= 0 (bool is refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            f"{name} must be a number, got {value!r} ({type(value).__name__}); set it in __init__"
-        )
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}); set it in __init__")
     if not math.isfinite(float(value)) or float(value) < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}; set it in your trainer's __init__")
     return float(value)
@@ -70,12 +68,8 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
     def initialize(self):
         self.selfreg_lambda = validate_weight(self.selfreg_lambda, "selfreg_lambda")
         if not (self.selfreg_use_scr or self.selfreg_use_ifd):
-            raise ValueError(
-                "selfreg_use_scr and selfreg_use_ifd are both False: use the stock nnUNetTrainer"
-            )
-        install_extended_logger(
-            self.logger, self._selfreg_log_keys(), f"{self.__class__.__name__} regularisers"
-        )
+            raise ValueError("selfreg_use_scr and selfreg_use_ifd are both False: use the stock nnUNetTrainer")
+        install_extended_logger(self.logger, self._selfreg_log_keys(), f"{self.__class__.__name__} regularisers")
         super().initialize()
 
     def _build_loss(self):
@@ -87,9 +81,7 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
         return RegularisedSegLoss(
             super()._build_loss(),
             self.selfreg_taps,
-            SelfRegRegularizer(
-                self.selfreg_use_scr, self.selfreg_use_ifd, self.selfreg_ifd_detach_first_half
-            ),
+            SelfRegRegularizer(self.selfreg_use_scr, self.selfreg_use_ifd, self.selfreg_ifd_detach_first_half),
             self.selfreg_lambda,
             generator,
         )
