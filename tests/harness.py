@@ -63,14 +63,30 @@ class NNUNetEnv:
 
     def plan_and_preprocess(self, dataset_id: int, configurations: tuple[str, ...], *extra: str) -> None:
         self.run(
-            "nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations,
-            "-np", *(["2"] * len(configurations)), "-npfp", "2", *extra,
+            "nnUNetv2_plan_and_preprocess",
+            "-d",
+            str(dataset_id),
+            "-c",
+            *configurations,
+            "-np",
+            *(["2"] * len(configurations)),
+            "-npfp",
+            "2",
+            *extra,
         )
 
     def train(self, dataset_id: int, configuration: str, fold: int, trainer: str, *extra: str, **env: str):
         return self.run(
-            "nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-device", "cpu",
-            *extra, **env,
+            "nnUNetv2_train",
+            str(dataset_id),
+            configuration,
+            str(fold),
+            "-tr",
+            trainer,
+            "-device",
+            "cpu",
+            *extra,
+            **env,
         )
 
     def model_folder(self, dataset_id: int, trainer: str, configuration: str, plans: str = "nnUNetPlans") -> Path:
