@@ -1,5 +1,8 @@
 """Our nnU-Net trainers. nnU-Net finds them by name through ``nnunet_selfreg/ext_trainers``."""
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_selfreg.trainers.budget import make_budget_variant
 from nnunet_selfreg.trainers.selfreg import (
     nnUNetTrainerSelfReg,
     nnUNetTrainerSelfReg_IFDOnly,
@@ -11,3 +14,9 @@ __all__ = ["nnUNetTrainerSelfReg", "nnUNetTrainerSelfReg_IFDOnly", "nnUNetTraine
 __all__ += define_epoch_variants(
     [nnUNetTrainerSelfReg, nnUNetTrainerSelfReg_SCROnly, nnUNetTrainerSelfReg_IFDOnly], globals()
 )
+
+for _base in (nnUNetTrainer, nnUNetTrainerSelfReg, nnUNetTrainerSelfReg_SCROnly, nnUNetTrainerSelfReg_IFDOnly):
+    _cls = make_budget_variant(_base, __name__)
+    globals()[_cls.__name__] = _cls
+    __all__.append(_cls.__name__)
+del _base, _cls

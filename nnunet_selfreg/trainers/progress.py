@@ -55,20 +55,26 @@ def install_extended_logger(logger: MetaLogger, extra_keys: dict[str, str], titl
 
 
 def append_panel(png_path: str, values: dict[str, list], keys: dict[str, str], title: str) -> None:
-    """Append a panel with the curves ``values[k]`` (log scale when positive) below ``png_path``."""
-    base = plt.imread(png_path)
-    height_px, width_px = base.shape[:2]
+    """Append a panel with the curves ``values[k]`` (log scale when positive) below ``png_path``.
+
+    Works on 8-bit RGB images (nnU-Net's figure is 3000 x 5400 px; float arrays would cost ~1 GB).
+    """
+    from PIL import Image
+
+    with Image.open(png_path) as im:
+        base = im.convert("RGB")
+    width_px = base.width
     dpi = 100
     fig, ax = plt.subplots(1, 1, figsize=(width_px / dpi, 18), dpi=dpi)
     n = min(len(v) for v in values.values()) if values else 0
     x = list(range(n))
-    positive = True
+    positive, has_data = True, False
     for key, label in keys.items():
         y = np.asarray(values.get(key, [])[:n], dtype=float)
         ax.plot(x, y, ls="-", label=label, linewidth=4)
         finite = y[np.isfinite(y)]
-        positive &= bool(finite.size == 0 or (finite > 0).all())
-    has_data = any(np.isfinite(np.asarray(values.get(k, [])[:n], dtype=float)).any() for k in keys if values.get(k))
+        has_data |= finite.size > 0
+        positive &= bool((finite > 0).all())
     if positive and has_data:
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -76,15 +82,12 @@ def append_panel(png_path: str, values: dict[str, list], keys: dict[str, str], t
     ax.legend(loc=(0, 1.02), ncol=max(1, math.ceil(len(keys) / 2)))
     fig.tight_layout()
     fig.canvas.draw()
-    panel = np.asarray(fig.canvas.buffer_rgba(), dtype=np.float32) / 255.0
+    panel = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
     plt.close(fig)
-    if base.dtype != np.float32:
-        base = base.astype(np.float32) / (255.0 if base.max() > 1 else 1.0)
-    if base.shape[2] == 3:
-        base = np.concatenate([base, np.ones(base.shape[:2] + (1,), np.float32)], axis=2)
-    if panel.shape[1] != width_px:  # rounding of figure size: pad or crop to the same width
-        pad = width_px - panel.shape[1]
-        panel = np.pad(panel, ((0, 0), (0, pad), (0, 0)), constant_values=1.0) if pad > 0 else panel[:, :width_px]
+    combined = Image.new("RGB", (width_px, base.height + panel.height), "white")
+    combined.paste(base, (0, 0))
+    del base
+    combined.paste(panel.crop((0, 0, min(width_px, panel.width), panel.height)), (0, combined.height - panel.height))
     tmp = png_path + ".tmp.png"
-    plt.imsave(tmp, np.concatenate([base, panel], axis=0))
+    combined.save(tmp)
     os.replace(tmp, png_path)

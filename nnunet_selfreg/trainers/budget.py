@@ -1,0 +1,82 @@
+"""Trainers whose training budget comes from environment variables (demo, benchmarks, quick trials).
+
+nnU-Net fixes the budget by class name (``nnUNetTrainer_5epochs``); short comparisons on a CPU need
+budgets in between, for the baseline and each method alike. ``<Trainer>_Budget`` is ``<Trainer>``
+with only ``num_epochs``, ``num_iterations_per_epoch`` and ``num_val_iterations_per_epoch`` taken
+from:
+
+- ``NNUNET_SELFREG_BUDGET_EPOCHS`` (required)
+- ``NNUNET_SELFREG_BUDGET_ITERATIONS`` (required, training iterations per epoch)
+- ``NNUNET_SELFREG_BUDGET_VAL_ITERATIONS`` (optional, default 5)
+
+The values are written to the training log and to ``debug.json`` (nnU-Net records every trainer
+attribute). ``nnUNetTrainer_Budget`` is the stock nnU-Net trainer with that budget: the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+ENV_EPOCHS = "NNUNET_SELFREG_BUDGET_EPOCHS"
+ENV_ITERATIONS = "NNUNET_SELFREG_BUDGET_ITERATIONS"
+ENV_VAL_ITERATIONS = "NNUNET_SELFREG_BUDGET_VAL_ITERATIONS"
+
+
+def _positive_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise RuntimeError(
+                f"the *_Budget trainers take their budget from the environment: set {ENV_EPOCHS} and "
+                f"{ENV_ITERATIONS} (e.g. {ENV_EPOCHS}=10 {ENV_ITERATIONS}=50), or use a fixed-length "
+                "trainer such as nnUNetTrainerSelfReg_10epochs"
+            )
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RuntimeError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise RuntimeError(f"{name}={value} must be >= 1")
+    return value
+
+
+def apply_env_budget(trainer: nnUNetTrainer) -> None:
+    trainer.num_epochs = _positive_int(ENV_EPOCHS)
+    trainer.num_iterations_per_epoch = _positive_int(ENV_ITERATIONS)
+    trainer.num_val_iterations_per_epoch = _positive_int(ENV_VAL_ITERATIONS, 5)
+    trainer.print_to_log_file(
+        f"Budget from the environment: {trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch} "
+        f"iterations (validation: {trainer.num_val_iterations_per_epoch} iterations per epoch)",
+        also_print_to_console=True,
+    )
+
+
+def make_budget_variant(base: type[nnUNetTrainer], module: str) -> type[nnUNetTrainer]:
+    """``base`` with its budget read from the environment, named ``base.__name__ + '_Budget'``."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        apply_env_budget(self)
+
+    name = base.__name__ + "_Budget"
+    return type(
+        name,
+        (base,),
+        {
+            "__init__": __init__,
+            "__module__": module,
+            "__qualname__": name,
+            "__doc__": f"{base.__name__} with the budget from ${ENV_EPOCHS} / ${ENV_ITERATIONS}.",
+        },
+    )
