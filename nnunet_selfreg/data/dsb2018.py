@@ -87,6 +87,7 @@ def _pip_download_command(dest: Path) -> list[str]:
         sys.executable, "-m", "pip", "download", f"stardist=={STARDIST_VERSION}",
         "--no-deps", "--only-binary", ":all:", "--platform", STARDIST_PLATFORM,
         "--python-version", "3.11", "--implementation", "cp", "-d", str(dest),
+        "--retries", "2", "--timeout", "30",  # fall back within about a minute when offline
     ]  # fmt: skip
 
 
