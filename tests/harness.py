@@ -89,6 +89,13 @@ class NNUNetEnv:
             **env,
         )
 
+    def predict(self, inputs: Path, output: Path, dataset_id: int, configuration: str, trainer: str, *folds: int):
+        """``nnUNetv2_predict`` on CPU with one preprocessing and one export process."""
+        return self.run(
+            "nnUNetv2_predict", "-i", str(inputs), "-o", str(output), "-d", str(dataset_id), "-c", configuration,
+            "-f", *map(str, folds or (0,)), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1",
+        )  # fmt: skip
+
     def model_folder(self, dataset_id: int, trainer: str, configuration: str, plans: str = "nnUNetPlans") -> Path:
         matches = sorted(self.results.glob(f"Dataset{dataset_id:03d}_*"))
         assert matches, f"no results for dataset {dataset_id} in {self.results}"

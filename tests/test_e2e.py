@@ -53,27 +53,7 @@ def test_2d_train_continue_validate_predict(nnenv, ds2d, tmp_path):
             nnenv.raw / "Dataset901_SelfRegSynthetic" / "imagesTr" / f"{case}_0000.png"
         )
     out = tmp_path / "out"
-    nnenv.run(
-        "nnUNetv2_predict",
-        "-i",
-        str(inp),
-        "-o",
-        str(out),
-        "-d",
-        str(ds2d),
-        "-c",
-        "2d",
-        "-f",
-        "0",
-        "-tr",
-        TRAINER,
-        "-device",
-        "cpu",
-        "-npp",
-        "1",
-        "-nps",
-        "1",
-    )
+    nnenv.predict(inp, out, ds2d, "2d", TRAINER, 0)
     for case in ("case_000", "case_001"):
         seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.png")))
         assert seg.shape == (64, 64)
@@ -93,27 +73,7 @@ def test_3d_anisotropic_train_and_predict(nnenv, ds3d, tmp_path):
     src = nnenv.raw / "Dataset902_SelfRegSynthetic" / "imagesTr" / "case_000_0000.nii.gz"
     (inp / src.name).symlink_to(src)
     out = tmp_path / "out"
-    nnenv.run(
-        "nnUNetv2_predict",
-        "-i",
-        str(inp),
-        "-o",
-        str(out),
-        "-d",
-        str(ds3d),
-        "-c",
-        "3d_fullres",
-        "-f",
-        "0",
-        "-tr",
-        TRAINER,
-        "-device",
-        "cpu",
-        "-npp",
-        "1",
-        "-nps",
-        "1",
-    )
+    nnenv.predict(inp, out, ds3d, "3d_fullres", TRAINER, 0)
     pred = sitk.ReadImage(str(out / "case_000.nii.gz"))
     assert pred.GetSize() == (40, 40, 16)
     assert np.allclose(pred.GetSpacing(), (1.0, 1.0, 2.5))

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_selfreg.trainers.variants import derive_trainer
 
 ENV_EPOCHS = "NNUNET_SELFREG_BUDGET_EPOCHS"
 ENV_ITERATIONS = "NNUNET_SELFREG_BUDGET_ITERATIONS"
@@ -57,26 +58,5 @@ def apply_env_budget(trainer: nnUNetTrainer) -> None:
 
 def make_budget_variant(base: type[nnUNetTrainer], module: str) -> type[nnUNetTrainer]:
     """``base`` with its budget read from the environment, named ``base.__name__ + '_Budget'``."""
-
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        apply_env_budget(self)
-
-    name = base.__name__ + "_Budget"
-    return type(
-        name,
-        (base,),
-        {
-            "__init__": __init__,
-            "__module__": module,
-            "__qualname__": name,
-            "__doc__": f"{base.__name__} with the budget from ${ENV_EPOCHS} / ${ENV_ITERATIONS}.",
-        },
-    )
+    doc = f"{base.__name__} with the budget from ${ENV_EPOCHS} / ${ENV_ITERATIONS}."
+    return derive_trainer(base, base.__name__ + "_Budget", apply_env_budget, module, doc)

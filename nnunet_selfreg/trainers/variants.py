@@ -8,6 +8,8 @@ For every base trainer ``B`` and every length ``N`` nnU-Net ships (1, 5, 10, 20,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -19,8 +21,14 @@ def epochs_suffix(n: int) -> str:
     return "_1epoch" if n == 1 else f"_{n}epochs"
 
 
-def make_epoch_variant(base: type[nnUNetTrainer], num_epochs: int, module: str) -> type[nnUNetTrainer]:
-    """A subclass of ``base`` named ``base.__name__ + epochs_suffix(num_epochs)`` defined in ``module``."""
+def derive_trainer(
+    base: type[nnUNetTrainer], name: str, configure: Callable[[nnUNetTrainer], None], module: str, doc: str
+) -> type[nnUNetTrainer]:
+    """A subclass ``name`` of ``base`` (defined in ``module``) whose ``__init__`` calls ``configure(self)``.
+
+    The ``__init__`` keeps nnU-Net's exact signature (nnU-Net rebuilds trainers from it), and the class
+    is picklable because ``module`` exposes it under ``name``.
+    """
 
     def __init__(
         self,
@@ -31,19 +39,19 @@ def make_epoch_variant(base: type[nnUNetTrainer], num_epochs: int, module: str) 
         device: torch.device = torch.device("cuda"),
     ):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = num_epochs
+        configure(self)
+
+    return type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name, "__doc__": doc})
+
+
+def make_epoch_variant(base: type[nnUNetTrainer], num_epochs: int, module: str) -> type[nnUNetTrainer]:
+    """A subclass of ``base`` named ``base.__name__ + epochs_suffix(num_epochs)`` defined in ``module``."""
+
+    def configure(trainer: nnUNetTrainer) -> None:
+        trainer.num_epochs = num_epochs
 
     name = base.__name__ + epochs_suffix(num_epochs)
-    return type(
-        name,
-        (base,),
-        {
-            "__init__": __init__,
-            "__module__": module,
-            "__qualname__": name,
-            "__doc__": f"{base.__name__} trained for {num_epochs} epoch(s).",
-        },
-    )
+    return derive_trainer(base, name, configure, module, f"{base.__name__} trained for {num_epochs} epoch(s).")
 
 
 def define_epoch_variants(bases: list[type[nnUNetTrainer]], namespace: dict) -> list[str]:
