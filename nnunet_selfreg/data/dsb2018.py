@@ -184,11 +184,7 @@ def tile_slices(shape: tuple[int, int], grid: int) -> list[tuple[int, int, slice
     th, tw = shape[0] // grid, shape[1] // grid
     if th < 1 or tw < 1:
         raise ValueError(f"grid {grid} is too fine for an image of shape {shape}")
-    return [
-        (r, c, slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw))
-        for r in range(grid)
-        for c in range(grid)
-    ]
+    return [(r, c, slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw)) for r in range(grid) for c in range(grid)]
 
 
 def find_free_dataset_id(*roots: Path, start: int = 950) -> int:
@@ -296,8 +292,7 @@ def _write_real_dataset(folder: Path, wheel: Path, grid: int, labels: str) -> tu
             f"{tile[0]}x{tile[1]} tiles; labels: {labels}. A single-image proxy, not a clinical benchmark."
         ),
         "reference": "Caicedo et al., Nat. Methods 16:1247 (2019); BBBC038; Schmidt et al., MICCAI 2018",
-        "licence": "image/labels: CC0 1.0 as published by the BBBC (BBBC038), please verify; "
-        "stardist: BSD-3-Clause",
+        "licence": "image/labels: CC0 1.0 as published by the BBBC (BBBC038), please verify; stardist: BSD-3-Clause",
         "source": f"{STARDIST_WHEEL_NAME} sha256 {STARDIST_WHEEL_SHA256}",
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
@@ -316,9 +311,7 @@ def _write_fallback(raw_root: Path, dataset_id: int, grid: int, tile: tuple[int,
     print(f"{bar}\n[dsb2018] WARNING: the stardist wheel could not be downloaded (no package registry?).\n"
           f"[dsb2018] WARNING: writing a SYNTHETIC dataset instead ({FALLBACK_NAME}); it is NOT real data\n"
           f"[dsb2018] WARNING: and its labels are ellipse/box, not nuclei.\n{bar}")  # fmt: skip
-    folder = make_synthetic_dataset(
-        raw_root, dataset_id, name=FALLBACK_NAME, dim=2, num_cases=grid * grid, shape=tile
-    )
+    folder = make_synthetic_dataset(raw_root, dataset_id, name=FALLBACK_NAME, dim=2, num_cases=grid * grid, shape=tile)
     (folder / "README.md").write_text(
         f"# {FALLBACK_NAME}: SYNTHETIC fallback, not real data\n\nWritten by "
         "`nnunet_selfreg.data.dsb2018.make_dsb2018_dataset` because the stardist wheel holding the "

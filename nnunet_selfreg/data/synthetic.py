@@ -73,8 +73,10 @@ def make_synthetic_dataset(
             sitk.WriteImage(sitk.GetImageFromArray(label), str(folder / "labelsTr" / f"{case}{ext}"))
         else:
             sp = tuple(float(s) for s in (spacing or (1.0,) * 3))
-            for arr, path in ((image, folder / "imagesTr" / f"{case}_0000{ext}"),
-                              (label, folder / "labelsTr" / f"{case}{ext}")):
+            for arr, path in (
+                (image, folder / "imagesTr" / f"{case}_0000{ext}"),
+                (label, folder / "labelsTr" / f"{case}{ext}"),
+            ):
                 itk = sitk.GetImageFromArray(arr)
                 itk.SetSpacing(sp[::-1])  # SimpleITK spacing is (x, y, z)
                 sitk.WriteImage(itk, str(path))

@@ -53,7 +53,7 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
         self.selfreg_use_scr = True  # semantic consistency regularisation
         self.selfreg_use_ifd = True  # internal feature distillation
         self.selfreg_ifd_detach_first_half = False  # reference: gradient into both halves
-        self.selfreg_seed = 12345  # seeds the channel sampling of SCR (with the fold)
+        self.selfreg_seed = 12345  # seeds the channel sampling of SCR (with the fold and the epoch)
         self.selfreg_taps = UNetFeatureTaps()
 
     # ----------------------------------------------------------------------------- set-up
@@ -105,6 +105,18 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
     def on_train_end(self):
         super().on_train_end()
         self.selfreg_taps.detach()  # no hook left for the final validation / any later use
+
+    def on_train_epoch_start(self):
+        # the SCR channel sampling restarts from (seed, fold, epoch) every epoch: the generator is not in
+        # nnU-Net's checkpoint, so this is what lets a run resumed with --c draw the same channels
+        if isinstance(self.loss, RegularisedSegLoss) and self.loss.generator is not None:
+            self.loss.generator.manual_seed(self._selfreg_epoch_seed())
+        super().on_train_epoch_start()
+
+    def _selfreg_epoch_seed(self) -> int:
+        fold = self.fold if isinstance(self.fold, int) else 0
+        entropy = [int(self.selfreg_seed) & 0xFFFFFFFFFFFFFFFF, fold, int(self.current_epoch)]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
     # ----------------------------------------------------------------------------- logging
     def on_train_epoch_end(self, train_outputs: list[dict]):
