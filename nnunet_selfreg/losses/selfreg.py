@@ -5,6 +5,12 @@ Notation follows ``shared/methods.md``: encoder stage outputs ``e_1 … e_S``, d
 ``d_1 … d_{S-1}`` (coarsest to finest), ``F_final = d_{S-1}``. Feature maps are ``(B, C, *spatial)``
 with 2 or 3 spatial axes. Every term is computed in float32, also under autocast (the squared
 differences of large float16 activations overflow).
+
+Both terms are mean squared errors between gathered channels. They are computed by small autograd
+functions that keep only what is alive anyway (the feature map, the channel indices, the detached
+teacher) and recompute the difference in the backward pass: autograd's own ``index_select`` +
+``mse_loss`` would keep two float32 copies of every gathered map until the backward pass and build
+each gradient from a zero-filled buffer plus a scatter-add.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "SelfRegRegularizer",
@@ -64,10 +71,97 @@ def pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return _pool(a, target), _pool(b, target)
 
 
-def _random_channels(n: int, k: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def _random_permutation(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``randperm(n)`` drawn where ``generator`` lives, on ``device``; its first ``k`` entries are distinct channels."""
     gen_device = generator.device if generator is not None else device
-    idx = torch.randperm(n, generator=generator, device=gen_device)[:k]
-    return idx.to(device, non_blocking=True)
+    return torch.randperm(n, generator=generator, device=gen_device).to(device, non_blocking=True)
+
+
+def _pool_float(x: Tensor, size: Sequence[int]) -> Tensor:
+    """``x`` if it already has spatial ``size`` (any dtype), else ``x`` pooled to ``size`` in float32."""
+    return x if tuple(x.shape[2:]) == tuple(size) else _pool(x.float(), size)
+
+
+def _mse_scale(grad_out: Tensor, numel: int) -> Tensor:
+    """``d mean(d²) / d d = 2 d / numel``, times the incoming gradient (a 0-dim tensor: no host sync)."""
+    return grad_out * (2.0 / numel)
+
+
+def _mean_squared_difference(a: Tensor, b: Tensor) -> Tensor:
+    """``mean((a − b)²)`` in float32; ``a`` is a temporary (gathered) tensor and is overwritten."""
+    d = a.float()
+    return d.sub_(b).square_().mean()
+
+
+class _IFDLoss(torch.autograd.Function):
+    """``mean((x[:, first] − x[:, second])²)`` in float32 (IFD after sorting), gradient into ``x``.
+
+    Saves only ``x`` (alive anyway) and the channel order. The backward pass needs no scatter: with
+    ``π`` swapping each channel with its partner, the gradient is ``c · (x − x[:, π])`` (0 on the
+    detached first half and on the left-out channel of an odd ``C``), one gathered buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, grad_first: bool) -> Tensor:
+        h = x.shape[1] // 2
+        ctx.grad_first = grad_first
+        ctx.save_for_backward(x, order)
+        return _mean_squared_difference(x.index_select(1, order[:h]), x.index_select(1, order[h : 2 * h]))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, order = ctx.saved_tensors
+        c, h = x.shape[1], x.shape[1] // 2
+        first, second = order[:h], order[h : 2 * h]
+        partner = torch.arange(c, device=order.device)
+        partner.index_copy_(0, first, second)
+        partner.index_copy_(0, second, first)
+        grad = x.index_select(1, partner).float()
+        grad.sub_(x).mul_(-_mse_scale(grad_out, x[:, :h].numel()))  # c · (x − x[:, π])
+        grad = grad.to(x.dtype)
+        if 2 * h < c:
+            grad.index_fill_(1, order[2 * h :], 0)
+        if not ctx.grad_first:
+            grad.index_fill_(1, first, 0)
+        return grad, None, None
+
+
+class _SCRLoss(torch.autograd.Function):
+    """``mean((s[:, idx_s] − t[:, idx_t])²)`` in float32 with ``t`` constant; gradient into ``s``.
+
+    ``k = len(idx_s) = min(C_s, C_t)``, so one side uses all its channels: the pairs are reordered so
+    that this side needs no gather (``J``: the teacher channel of each student channel when
+    ``k = C_s``; ``K``: the student channel of each teacher channel otherwise). Saves only ``s``,
+    ``t`` (both alive anyway) and the index; the backward pass recomputes the difference.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, idx_s: Tensor, t: Tensor, idx_t: Tensor) -> Tensor:
+        if idx_s.numel() == s.shape[1]:
+            ctx.all_student = True
+            index = idx_t.index_select(0, torch.argsort(idx_s))
+            loss = _mean_squared_difference(t.index_select(1, index), s)
+        else:
+            ctx.all_student = False
+            index = idx_s.index_select(0, torch.argsort(idx_t))
+            loss = _mean_squared_difference(s.index_select(1, index), t)
+        ctx.save_for_backward(s, t, index)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        s, t, index = ctx.saved_tensors
+        scale = _mse_scale(grad_out, s[:, : index.numel()].numel())
+        if ctx.all_student:  # c · (s − t[:, J])
+            grad = t.index_select(1, index).float()
+            return grad.sub_(s).mul_(-scale).to(s.dtype), None, None, None
+        diff = s.index_select(1, index).float()
+        diff.sub_(t).mul_(scale)
+        grad = torch.zeros_like(s)
+        grad.index_copy_(1, index, diff.to(s.dtype))
+        return grad, None, None, None
 
 
 def semantic_consistency_loss(
@@ -94,15 +188,26 @@ def semantic_consistency_loss(
             "and number of spatial axes"
         )
     with torch.autocast(device_type=student.device.type, enabled=False):
-        s, t = pool_to_common_size(student.float(), teacher.detach().float())
-        return _scr_aligned(s, t, generator)
+        target = tuple(min(x, y) for x, y in zip(student.shape[2:], teacher.shape[2:], strict=True))
+        return _scr_aligned(_pool_float(student, target), _pool_float(teacher.detach(), target), generator)
 
 
 def _scr_aligned(s: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
+    """SCR of a student and a detached teacher of the same spatial size (any float dtypes)."""
     k = min(s.shape[1], t.shape[1])
-    idx_s = _random_channels(s.shape[1], k, generator, s.device)
-    idx_t = _random_channels(t.shape[1], k, generator, t.device)
-    return F.mse_loss(s.index_select(1, idx_s), t.index_select(1, idx_t))
+    perm_s = _random_permutation(s.shape[1], generator, s.device)
+    perm_t = _random_permutation(t.shape[1], generator, t.device)
+    return _SCRLoss.apply(s, perm_s[:k], t, perm_t[:k])
+
+
+def _ifd_order(x: Tensor) -> Tensor:
+    """Channels sorted by descending score ``s_c`` (stable), scores computed in float32 without a copy."""
+    with torch.no_grad():
+        flat = x.flatten(2)
+        sums = flat.sum(dim=2, dtype=torch.float32)
+        norms = torch.linalg.vector_norm(flat, dim=2, dtype=torch.float32).clamp_min_(1e-12)
+        scores = (sums / norms).mean(dim=0) / flat.shape[2]
+        return torch.sort(scores, descending=True, stable=True).indices
 
 
 def internal_feature_distillation_loss(features: Tensor, detach_first_half: bool = False) -> Tensor:
@@ -123,21 +228,18 @@ def internal_feature_distillation_loss(features: Tensor, detach_first_half: bool
     """
     _check_feature_map(features, "features", min_channels=2)
     with torch.autocast(device_type=features.device.type, enabled=False):
-        x = features.float()
-        scores = F.normalize(x.flatten(2), p=2, dim=2).mean(dim=(0, 2))
-        order = torch.sort(scores.detach(), descending=True, stable=True).indices
-        h = x.shape[1] // 2
-        first = x.index_select(1, order[:h])
-        second = x.index_select(1, order[h : 2 * h])
-        if detach_first_half:
-            first = first.detach()
-        return F.mse_loss(first, second)
+        order = _ifd_order(features)
+        return _IFDLoss.apply(features, order, not detach_first_half)
 
 
 def _mean(terms: list[Tensor], like: Tensor) -> Tensor:
     if not terms:
         return like.new_zeros((), dtype=torch.float32)
     return torch.stack(terms).mean()
+
+
+def _divides(small: Sequence[int], large: Sequence[int]) -> bool:
+    return all(b % a == 0 for a, b in zip(small, large, strict=True))
 
 
 class SelfRegRegularizer(nn.Module):
@@ -151,7 +253,9 @@ class SelfRegRegularizer(nn.Module):
               + mean_{f ∈ e_1..e_S, d_1..d_{S-2}} SCR(f, F_final)
 
     Disabled terms are zero. The detached, pooled teacher is computed once per distinct target
-    size. The module has no parameters or buffers.
+    size, from the smallest already pooled map that the target size divides exactly (block
+    averages of block averages: the same values as pooling ``F_final`` directly, up to rounding).
+    The module has no parameters or buffers.
     """
 
     def __init__(self, use_scr: bool = True, use_ifd: bool = True, detach_first_half: bool = False) -> None:
@@ -164,6 +268,24 @@ class SelfRegRegularizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"use_scr={self.use_scr}, use_ifd={self.use_ifd}, detach_first_half={self.detach_first_half}"
+
+    @staticmethod
+    def _pooled_teachers(teacher: Tensor, targets: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], Tensor]:
+        """The detached teacher pooled to each target size (float32; the full size keeps its dtype)."""
+        full = tuple(teacher.shape[2:])
+        t = teacher.detach()
+        t_float = t.float()  # no copy for float32 features; freed after pooling otherwise
+        pooled = {full: t}
+        exact = [full]  # sizes whose map is an exact block average of F_final
+        for target in sorted(set(targets) - {full}, key=lambda s: torch.Size(s).numel(), reverse=True):
+            sources = [s for s in exact if _divides(target, s)]
+            if sources:
+                source = min(sources, key=lambda s: torch.Size(s).numel())
+                pooled[target] = _pool(t_float if source == full else pooled[source], target)
+                exact.append(target)
+            else:
+                pooled[target] = _pool(t_float, target)
+        return pooled
 
     def forward(
         self,
@@ -195,19 +317,19 @@ class SelfRegRegularizer(nn.Module):
                     teacher,
                 )
             if self.use_scr and students:
-                t_full = teacher.detach().float()
-                pooled: dict[tuple[int, ...], Tensor] = {}
-                pair_losses = []
+                targets = []
                 for f in students:
                     if f.shape[0] != teacher.shape[0] or f.ndim != teacher.ndim:
                         raise ValueError(
                             f"tapped map {tuple(f.shape)} does not match F_final {tuple(teacher.shape)} "
                             "in batch size or number of spatial axes"
                         )
-                    target = tuple(min(a, b) for a, b in zip(f.shape[2:], teacher.shape[2:], strict=True))
-                    if target not in pooled:
-                        pooled[target] = _pool(t_full, target)
-                    pair_losses.append(_scr_aligned(_pool(f.float(), target), pooled[target], generator))
+                    targets.append(tuple(min(a, b) for a, b in zip(f.shape[2:], teacher.shape[2:], strict=True)))
+                pooled = self._pooled_teachers(teacher, targets)
+                pair_losses = [
+                    _scr_aligned(_pool_float(f, target), pooled[target], generator)
+                    for f, target in zip(students, targets, strict=True)
+                ]
                 out["scr"] = _mean(pair_losses, teacher)
         out["total"] = out["scr"] + out["ifd_enc"] + out["ifd_dec"]
         return out

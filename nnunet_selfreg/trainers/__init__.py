@@ -3,6 +3,7 @@
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.trainers.budget import make_budget_variant
+from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet
 from nnunet_selfreg.trainers.selfreg import (
     nnUNetTrainerSelfReg,
     nnUNetTrainerSelfReg_IFDOnly,
@@ -14,8 +15,17 @@ __all__ = ["nnUNetTrainerSelfReg", "nnUNetTrainerSelfReg_IFDOnly", "nnUNetTraine
 __all__ += define_epoch_variants(
     [nnUNetTrainerSelfReg, nnUNetTrainerSelfReg_SCROnly, nnUNetTrainerSelfReg_IFDOnly], globals()
 )
+_M2SNET = [nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet]
+__all__ += [c.__name__ for c in _M2SNET]
+__all__ += define_epoch_variants(_M2SNET, globals())
 
-for _base in (nnUNetTrainer, nnUNetTrainerSelfReg, nnUNetTrainerSelfReg_SCROnly, nnUNetTrainerSelfReg_IFDOnly):
+for _base in (
+    nnUNetTrainer,
+    nnUNetTrainerSelfReg,
+    nnUNetTrainerSelfReg_SCROnly,
+    nnUNetTrainerSelfReg_IFDOnly,
+    *_M2SNET,
+):
     _cls = make_budget_variant(_base, __name__)
     globals()[_cls.__name__] = _cls
     __all__.append(_cls.__name__)

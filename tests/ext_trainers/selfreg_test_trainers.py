@@ -11,6 +11,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.trainers import nnUNetTrainerSelfReg
+from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet
 
 
 def _tiny_budget(trainer) -> None:
@@ -21,14 +22,40 @@ def _tiny_budget(trainer) -> None:
 
 
 class nnUNetTrainerSelfRegTiny(nnUNetTrainerSelfReg):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _tiny_budget(self)
 
 
 class nnUNetTrainerTiny(nnUNetTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _tiny_budget(self)
+
+
+class nnUNetTrainerM2SNetTiny(nnUNetTrainerM2SNet):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _tiny_budget(self)
+        self.lossnet_input_size = 64  # VGG-16 on 64x64 instead of 224x224: CPU test budget
