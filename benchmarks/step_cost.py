@@ -1,0 +1,659 @@
+"""Cost of SelfReg over the stock nnUNetTrainer: training step time, peak memory, inference time.
+
+Builds nnU-Net plans with nnU-Net's own experiment planners (``ExperimentPlanner`` or
+``nnUNetPlannerResEncM``) for a synthetic dataset whose median image is the patch, instantiates the
+real trainers (``nnUNetTrainer``, ``nnUNetTrainerSelfReg`` and its SCR-only / IFD-only ablations) on
+those plans, and runs nnU-Net's own ``train_step`` (SGD with nnU-Net's settings, gradient clipping
+at 12, Dice+CE with deep supervision, plus our taps and ``RegularisedSegLoss`` for SelfReg) on
+identical synthetic batches. The variants alternate step by step in one process (rotating the
+order every round), so a shared or throttled machine slows all of them alike.
+
+Peak memory comes from a fresh ``spawn`` child per variant (CPU: increase of the peak RSS over
+the steps; CUDA: ``torch.cuda.max_memory_allocated``). Inference times nnU-Net's sliding-window
+prediction of one case with and without taps attached (taps store nothing in eval mode).
+
+Run from the repository root; ``--help`` lists the options. The defaults on CPU are small (see
+``CONFIGS``) so that one configuration runs in minutes on a 2-core machine, and use one thread: on a
+shared machine two threads spend much of their time waiting for each other at every operation, which
+says more about the other jobs than about the trainers. Every step is timed in wall-clock and in
+process CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from copy import deepcopy
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASET_ID = 987
+DATASET_NAME = f"Dataset{DATASET_ID}_StepCost"
+NUM_CLASSES = 3  # background + 2 foreground labels
+VARIANTS = ("nnUNetTrainer", "SelfReg", "SCROnly", "IFDOnly")
+TRAINER_NAMES = {
+    "nnUNetTrainer": "nnUNetTrainer",
+    "SelfReg": "nnUNetTrainerSelfReg",
+    "SCROnly": "nnUNetTrainerSelfReg_SCROnly",
+    "IFDOnly": "nnUNetTrainerSelfReg_IFDOnly",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A plans configuration: which nnU-Net planner, and the patch / batch defaults per device."""
+
+    planner: str  # class name in nnU-Net's experiment_planners
+    dim: int
+    gpu_patch: tuple[int, ...]  # nnU-Net's plans for a dataset with this median image size, planned batch
+    cpu_patch: tuple[int, ...]  # smaller default on CPU so that the run takes minutes
+    cpu_batch: int
+
+
+CONFIGS = {
+    # GPU defaults are nnU-Net's own plans: 2d 512x512 -> 8 stages 32..512, batch 12; 3d_fullres 128^3 ->
+    # 6 stages 32..320, batch 2. The CPU defaults are nnU-Net's plans for smaller images so that one run takes
+    # minutes on a shared 2-core machine: 2d 128x128 -> 6 stages 32..512, 3d 32^3 -> 4 stages 32..256, batch 2
+    # (nnU-Net's minimum). Use --patch 256 256 --batch 4 for the 7-stage 32..512 2d network on CPU.
+    "2d": Config("ExperimentPlanner", 2, (512, 512), (128, 128), 2),
+    "3d_fullres": Config("ExperimentPlanner", 3, (128, 128, 128), (32, 32, 32), 2),
+    # ResEnc M (n_blocks_per_stage 1,3,4,6,6,...; decoder 1 conv per stage), same sizes
+    "resenc_m_2d": Config("nnUNetPlannerResEncM", 2, (512, 512), (128, 128), 2),
+    "resenc_m_3d": Config("nnUNetPlannerResEncM", 3, (128, 128, 128), (32, 32, 32), 2),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- plans
+def setup_nnunet_env(root: Path) -> None:
+    """A private nnU-Net folder tree with a dataset description only (no images), in ``os.environ``."""
+    raw, pre, res = root / "nnUNet_raw" / DATASET_NAME, root / "nnUNet_preprocessed" / DATASET_NAME, root / "res"
+    for p in (raw / "imagesTr", raw / "labelsTr", pre, res):
+        p.mkdir(parents=True, exist_ok=True)
+    dataset_json = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": 1000,  # large: nnU-Net's 5 %-of-the-dataset cap on the batch size never binds
+        "file_ending": ".nii.gz",
+    }
+    fingerprint = {
+        "spacings": [[1.0, 1.0, 1.0]],
+        "shapes_after_crop": [[128, 128, 128]],
+        "median_relative_size_after_cropping": 1.0,
+        "foreground_intensity_properties_per_channel": {
+            "0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
+                  "percentile_99_5": 1.0, "std": 1.0}
+        },
+    }  # fmt: skip
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    (pre / "dataset.json").write_text(json.dumps(dataset_json))
+    (pre / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+    os.environ.update(nnUNet_raw=str(root / "nnUNet_raw"), nnUNet_preprocessed=str(root / "nnUNet_preprocessed"))
+    os.environ["nnUNet_results"] = str(res)
+
+
+def make_plans(config_name: str, patch: Sequence[int]) -> tuple[dict, dict]:
+    """nnU-Net's planner output for ``config_name`` on a dataset whose median image is ``patch``."""
+    from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner as dep
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners as rep
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+    cfg = CONFIGS[config_name]
+    planner_cls = getattr(dep, cfg.planner, None) or getattr(rep, cfg.planner)
+    with contextlib.redirect_stdout(io.StringIO()):
+        planner = planner_cls(DATASET_ID)
+        median = tuple(int(p) for p in patch)
+        n_voxels = float(np.prod(median, dtype=np.float64)) * planner.dataset_json["numTraining"]
+        conf = "2d" if cfg.dim == 2 else "3d_fullres"
+        plan = planner.get_plans_for_configuration(
+            (1.0,) * cfg.dim, median, planner.generate_data_identifier(conf), n_voxels, {}
+        )
+    plan["batch_dice"] = cfg.dim == 2  # as nnU-Net sets it (3d_fullres without a 3d_lowres config)
+    plans = {
+        "dataset_name": DATASET_NAME,
+        "plans_name": planner.plans_identifier,
+        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [1, *median] if cfg.dim == 2 else list(median),
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {conf: plan},
+        "experiment_planner_used": planner_cls.__name__,
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": planner.dataset_fingerprint[
+            "foreground_intensity_properties_per_channel"
+        ],
+    }
+    recursive_fix_for_json_export(plans)
+    # nnUNetTrainer.initialize infers the dataset class from the preprocessed folder's file endings
+    data_dir = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME / plan["data_identifier"]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "placeholder.b2nd").touch()
+    return plans, planner.dataset_json
+
+
+def describe_plans(plans: dict) -> dict[str, Any]:
+    (conf,) = plans["configurations"].values()
+    arch = conf["architecture"]
+    kw = arch["arch_kwargs"]
+    return {
+        "planner": plans["experiment_planner_used"],
+        "network": arch["network_class_name"].rsplit(".", 1)[-1],
+        "n_stages": kw["n_stages"],
+        "features_per_stage": list(kw["features_per_stage"]),
+        "blocks_per_stage": list(kw.get("n_blocks_per_stage", kw.get("n_conv_per_stage"))),
+        "patch_size": list(conf["patch_size"]),
+        "planned_batch_size": conf["batch_size"],
+    }
+
+
+# -------------------------------------------------------------------------------------------- trainers
+@dataclass
+class Setup:
+    """Everything a process needs to rebuild the same trainers and batches (picklable)."""
+
+    config_name: str
+    plans: dict
+    dataset_json: dict
+    batch_size: int
+    device: str
+    amp: bool
+    compile: bool
+    seed: int
+    n_batches: int
+    threads: int | None = None
+
+
+def trainer_class(variant: str) -> type:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_selfreg.trainers import selfreg
+
+    return nnUNetTrainer if variant == "nnUNetTrainer" else getattr(selfreg, TRAINER_NAMES[variant])
+
+
+def build_trainer(setup: Setup, variant: str):
+    """A trainer after ``initialize()`` with its taps attached, as ``on_train_start`` leaves it."""
+    from nnunet_selfreg.trainers.selfreg import nnUNetTrainerSelfReg
+
+    plans = deepcopy(setup.plans)
+    plans["continue_training"] = False
+    (conf,) = plans["configurations"]
+    plans["configurations"][conf]["batch_size"] = setup.batch_size
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = trainer_class(variant)(plans, conf, 0, setup.dataset_json, torch.device(setup.device))
+        trainer._do_i_compile = lambda: setup.compile  # nnU-Net itself compiles the network (and loss.dc)
+        if not setup.amp:
+            trainer.grad_scaler = None
+        torch.manual_seed(setup.seed)  # identical initial weights in every variant
+        trainer.initialize()
+        if isinstance(trainer, nnUNetTrainerSelfReg):  # what on_train_start does before the first forward
+            trainer.selfreg_taps.attach(trainer.network, min_channels=2 if trainer.selfreg_use_ifd else 1)
+        trainer.network.train()
+    return trainer
+
+
+def disable_cuda_autocast() -> None:
+    """``--no-amp`` on CUDA: nnU-Net's ``train_step`` always autocasts there, so switch its autocast off."""
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as module
+
+    module.autocast = lambda device_type, enabled=True, **kw: torch.autocast(device_type, enabled=False, **kw)
+
+
+def make_batches(setup: Setup, trainer) -> list[dict]:
+    """Synthetic batches like nnU-Net's dataloader gives: data, and blob labels per deep-supervision scale."""
+    (conf,) = setup.plans["configurations"].values()
+    patch = [int(p) for p in conf["patch_size"]]
+    scales = trainer._get_deep_supervision_scales()
+    g = torch.Generator().manual_seed(setup.seed + 1)
+    batches = []
+    for _ in range(setup.n_batches):
+        data = torch.randn(setup.batch_size, 1, *patch, generator=g)
+        coarse = [max(1, p // 16) for p in patch]
+        seg = torch.randint(0, NUM_CLASSES, (setup.batch_size, 1, *coarse), generator=g).float()
+        seg = F.interpolate(seg, size=patch, mode="nearest")
+        target = [F.interpolate(seg, size=[round(p * s) for p, s in zip(patch, sc, strict=True)]) for sc in scales]
+        if setup.device.startswith("cuda"):  # nnU-Net's dataloader pins memory on CUDA
+            data, target = data.pin_memory(), [t.pin_memory() for t in target]
+        batches.append({"data": data, "target": target})
+    return batches
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``fn()`` (CUDA work synchronised at both ends)."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+Times = dict[str, dict[str, list[float]]]  # clock ("wall", "cpu") -> variant -> seconds per step
+
+
+def prepare_process(setup: Setup) -> None:
+    if setup.threads:  # 0 / None: torch's default
+        torch.set_num_threads(setup.threads)
+    if setup.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as nnUNetv2_train sets it
+        torch.backends.cudnn.deterministic = False
+        if not setup.amp:
+            disable_cuda_autocast()
+
+
+# ------------------------------------------------------------------------------------------ step time
+def rotations(items: Sequence[str]) -> Iterator[list[str]]:
+    r = 0
+    while True:
+        k = r % len(items)
+        yield [*items[k:], *items[:k]]
+        r += 1
+
+
+def time_steps(setup: Setup, variants: Sequence[str], warmup: int, steps: int) -> Times:
+    """Seconds per ``train_step`` of each variant, alternating within every round after ``warmup`` rounds."""
+    trainers = {}
+    for v in variants:
+        log(f"  building {TRAINER_NAMES[v]} ...")
+        trainers[v] = build_trainer(setup, v)
+    batches = make_batches(setup, trainers[variants[0]])
+    times: Times = {"wall": {v: [] for v in variants}, "cpu": {v: [] for v in variants}}
+    order = rotations(list(variants))
+    t_start = time.perf_counter()
+    for r in range(warmup + steps):
+        batch = batches[r % len(batches)]
+        row = {}
+        for v in next(order):
+            row[v] = timed(lambda v=v, b=batch: trainers[v].train_step(b), setup.device)
+        phase = f"warm-up {r + 1}/{warmup}" if r < warmup else f"step {r - warmup + 1}/{steps}"
+        if r >= warmup:
+            for v in variants:
+                times["wall"][v].append(row[v][0])
+                times["cpu"][v].append(row[v][1])
+        elapsed = time.perf_counter() - t_start
+        cells = " | ".join(f"{v} {row[v][0]:.3f}s (cpu {row[v][1]:.3f}s)" for v in variants)
+        log(f"  [{phase}] {cells}  ({elapsed:.0f}s elapsed)")
+    for t in trainers.values():
+        if hasattr(t, "selfreg_taps"):
+            t.selfreg_taps.detach()
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _rss_baseline_kib() -> tuple[int, bool]:
+    """Reset the peak RSS to the current RSS where Linux allows it; return the baseline (KiB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, which ru_maxrss reports
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")), True
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
+
+
+def memory_child(setup: Setup, variant: str, steps: int) -> dict[str, float | bool]:
+    """Run in a fresh process: peak memory of ``steps`` training steps of one variant.
+
+    CPU: the peak RSS during the steps minus the RSS before them (network, optimizer, batches and
+    the interpreter are in the baseline; gradients, momentum and activations are the increase).
+    """
+    prepare_process(setup)
+    trainer = build_trainer(setup, variant)
+    batches = make_batches(setup, trainer)
+    sync(setup.device)
+    if setup.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    before, reset = _rss_baseline_kib()  # KiB on Linux
+    for i in range(steps):
+        trainer.train_step(batches[i % len(batches)])
+    sync(setup.device)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss_peak_mib": after / 1024, "rss_step_increase_mib": (after - before) / 1024, "rss_reset": reset}
+    if setup.device.startswith("cuda"):
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def measure_memory(setup: Setup, variants: Sequence[str], steps: int) -> dict[str, dict[str, float | bool]]:
+    result = {}
+    for v in variants:
+        log(f"  memory: {TRAINER_NAMES[v]} ({steps} steps in a fresh child process) ...")
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            result[v] = pool.submit(memory_child, setup, v, steps).result()
+        log("    " + ", ".join(f"{k} {x:.0f}" for k, x in result[v].items() if not isinstance(x, bool)))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- inference
+def time_inference(
+    setup: Setup, trainer, repeats: int, case_scale: float, mirroring: bool
+) -> tuple[Times, float, list[int]]:
+    """nnU-Net's sliding-window prediction of one case, stock network vs the same weights with taps."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_selfreg.taps import UNetFeatureTaps, unwrap_network
+
+    weights = unwrap_network(trainer.network).state_dict()
+    (conf,) = setup.plans["configurations"].values()
+    patch = [int(p) for p in conf["patch_size"]]
+    shape = [round(p * case_scale) for p in patch]
+    image = torch.randn(1, *([1] if len(patch) == 2 else []), *shape, generator=torch.Generator().manual_seed(7))
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    predictors, taps = {}, UNetFeatureTaps()
+    for name in ("stock", "taps attached"):
+        net = trainer.build_network_architecture(
+            trainer.plans_manager,
+            trainer.configuration_manager,
+            trainer.num_input_channels,
+            trainer.label_manager.num_segmentation_heads,
+            False,
+        )
+        net.load_state_dict(weights)
+        net = net.to(setup.device)
+        if name == "taps attached":
+            taps.attach(net)
+        if setup.compile:
+            net = torch.compile(net)
+        with contextlib.redirect_stdout(io.StringIO()):
+            p = nnUNetPredictor(
+                tile_step_size=0.5,
+                use_gaussian=True,
+                use_mirroring=mirroring,
+                perform_everything_on_device=True,
+                device=torch.device(setup.device),
+                verbose=False,
+                allow_tqdm=False,
+            )
+            p.manual_initialization(
+                net,
+                trainer.plans_manager,
+                trainer.configuration_manager,
+                None,
+                setup.dataset_json,
+                "nnUNetTrainer",
+                trainer.inference_allowed_mirroring_axes,
+            )
+        predictors[name] = p
+    times: Times = {"wall": {n: [] for n in predictors}, "cpu": {n: [] for n in predictors}}
+    logits = {}
+    order = rotations(list(predictors))
+    for r in range(repeats + 1):  # the first round is warm-up
+        row = {}
+        for name in next(order):
+            out: dict[str, torch.Tensor] = {}
+            predict = predictors[name].predict_sliding_window_return_logits
+            row[name] = timed(lambda p=predict, o=out: o.update(x=p(image)), setup.device)
+            logits[name] = out["x"]
+            if r:
+                times["wall"][name].append(row[name][0])
+                times["cpu"][name].append(row[name][1])
+        phase = "warm-up" if r == 0 else f"{r}/{repeats}"
+        log(f"  [inference {phase}] case {shape}: " + " | ".join(f"{n} {row[n][0]:.3f}s" for n in predictors))
+    assert taps.pop() is None, "taps stored features during inference"
+    taps.detach()
+    max_abs_diff = float((logits["stock"].float() - logits["taps attached"].float()).abs().max())
+    return times, max_abs_diff, shape
+
+
+# --------------------------------------------------------------------------------------------- report
+def summarise(times: Times, baseline: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Per clock and variant: median, IQR, ratio of medians and the per-round (paired) ratio to ``baseline``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for clock, per_variant in times.items():
+        base = np.asarray(per_variant[baseline])
+        out[clock] = {}
+        for v, ts in per_variant.items():
+            a = np.asarray(ts)
+            q1, med, q3 = np.percentile(a, [25, 50, 75])
+            p1, pmed, p3 = np.percentile(a / base, [25, 50, 75])
+            out[clock][v] = {
+                "median_s": float(med),
+                "iqr_s": float(q3 - q1),
+                "ratio_of_medians": float(med / np.median(base)),
+                "paired_ratio_median": float(pmed),
+                "paired_ratio_iqr": float(p3 - p1),
+                "n": int(a.size),
+            }
+    return out
+
+
+def _cells(s: dict[str, float]) -> str:
+    return (
+        f"{s['median_s']:.3f} ({s['iqr_s']:.3f}) | {s['ratio_of_medians']:.3f} | "
+        f"{s['paired_ratio_median']:.3f} ({s['paired_ratio_iqr']:.3f})"
+    )
+
+
+def markdown(result: dict) -> str:
+    """The result as Markdown: a step-time / memory table and an inference table."""
+    dev, plans = result["device"], result["plans"]
+    clocks = ["wall", "cpu"] if dev["type"] == "cpu" else ["wall"]
+    head = " | ".join(
+        f"{c} s/step median (IQR) | {c} × (medians) | {c} × paired median (IQR)" for c in ("wall", "CPU")[: len(clocks)]
+    )
+    lines = [
+        f"### {result['config']} on {dev['name']} (torch {dev['torch']}, {dev['threads']} threads)",
+        "",
+        f"Plans ({plans['planner']}): {plans['network']}, {plans['n_stages']} stages {plans['features_per_stage']}, "
+        f"patch {plans['patch_size']}, batch {result['batch_size']} (planned {plans['planned_batch_size']}); "
+        f"AMP {result['amp']}, compile {result['compile']}; {result['steps']} timed steps per trainer after "
+        f"{result['warmup']} warm-up round(s). Command: `{result['command']}`",
+        "",
+        f"| trainer | {head} | peak memory MiB | memory × |",
+        "|---|" + "---|" * (3 * len(clocks) + 2),
+    ]
+    mem = result.get("memory", {})
+    key = "cuda_max_allocated_mib" if dev["type"] == "cuda" else "rss_step_increase_mib"
+    m0 = mem.get("nnUNetTrainer", {}).get(key)
+    for v in result["step_time"]["wall"]:
+        m = mem.get(v, {}).get(key)
+        mtxt = f"{m:.0f} | {m / m0:.3f}" if m is not None and m0 else "– | –"
+        cells = " | ".join(_cells(result["step_time"][c][v]) for c in clocks)
+        lines.append(f"| {TRAINER_NAMES[v]} | {cells} | {mtxt} |")
+    lines += [
+        "",
+        "× paired: median (IQR) over rounds of this trainer's step time divided by nnUNetTrainer's in the same "
+        "round; CPU = process CPU time (all threads), less sensitive than wall time to other jobs on the machine.",
+    ]
+    if mem:
+        what = (
+            "torch.cuda.max_memory_allocated"
+            if dev["type"] == "cuda"
+            else "peak RSS during the steps minus the RSS before them (VmHWM reset, ru_maxrss)"
+        )
+        lines.append(f"Peak memory: {what}, one fresh process per trainer, {result['mem_steps']} steps.")
+    inf = result.get("inference")
+    if inf:
+        ihead = " | ".join(
+            f"{c} s/case median (IQR) | {c} × (medians) | {c} × paired median (IQR)"
+            for c in ("wall", "CPU")[: len(clocks)]
+        )
+        lines += [
+            "",
+            f"Inference: nnUNetPredictor.predict_sliding_window_return_logits, one case {inf['case_shape']}, "
+            f"mirroring {inf['mirroring']}, {inf['repeats']} timed predictions each; identical logits: "
+            f"{inf['identical_logits']} (max |difference| {inf['max_abs_logit_difference']:.3g})",
+            "",
+            f"| network | {ihead} |",
+            "|---|" + "---|" * (3 * len(clocks)),
+        ]
+        for n in inf["summary"]["wall"]:
+            lines.append(f"| {n} | " + " | ".join(_cells(inf["summary"][c][n]) for c in clocks) + " |")
+    return "\n".join(lines)
+
+
+def device_info(device: str) -> dict[str, Any]:
+    info = {"type": torch.device(device).type, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if info["type"] == "cuda":
+        info["name"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        info["name"] = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example (CPU, a few minutes on a 2-core machine): python benchmarks/step_cost.py "
+        "--json step_cost_2d.json",
+    )
+    p.add_argument("--config", choices=sorted(CONFIGS), default="2d", help="plans configuration (default: 2d)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda if available (nnU-Net trains on cuda:0; choose the GPU with CUDA_VISIBLE_DEVICES)",
+    )
+    p.add_argument("--patch", type=int, nargs="+", help="patch size (default: per config and device, see CONFIGS)")
+    p.add_argument("--batch", type=int, help="batch size (default: nnU-Net's planned one on CUDA, small on CPU)")
+    p.add_argument("--steps", type=int, help="timed steps per variant (default: 40 on CUDA, 20 on CPU)")
+    p.add_argument("--warmup", type=int, help="warm-up rounds, not timed (default: 5 on CUDA, 2 on CPU)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="trainers to compare (default: all; nnUNetTrainer is always included)",
+    )
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA autocast + GradScaler as nnU-Net does (default: on for CUDA; nnU-Net never autocasts on CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the network (and loss.dc) as nnU-Net does (default: on CUDA only, as nnU-Net)",
+    )
+    p.add_argument("--mem-steps", type=int, default=2, help="steps per memory child process (default: 2)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--infer-repeats", type=int, default=6, help="timed predictions per network (default: 6)")
+    p.add_argument("--case-scale", type=float, default=1.5, help="inference case size / patch size (default: 1.5)")
+    p.add_argument(
+        "--mirroring",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time mirroring in inference (default: on for CUDA as nnU-Net, off on CPU to save time)",
+    )
+    p.add_argument("--no-inference", action="store_true", help="skip the inference timing")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads; 0: torch's default (the core count). Default on CPU: 1, so that process CPU time "
+        "measures work rather than threads waiting for each other on a shared machine",
+    )
+    p.add_argument("--seed", type=int, default=0, help="weights and batches (default: 0)")
+    p.add_argument("--json", type=Path, help="write every number to this JSON file")
+    args = p.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    if args.amp and not cuda:
+        p.error("--amp needs CUDA: nnU-Net's train_step autocasts on CUDA only")
+    cfg = CONFIGS[args.config]
+    args.amp = cuda if args.amp is None else args.amp
+    args.compile = cuda if args.compile is None else args.compile
+    args.mirroring = cuda if args.mirroring is None else args.mirroring
+    args.patch = tuple(args.patch) if args.patch else (cfg.gpu_patch if cuda else cfg.cpu_patch)
+    if len(args.patch) != cfg.dim:
+        p.error(f"--patch needs {cfg.dim} sizes for {args.config}")
+    args.steps = args.steps or (40 if cuda else 20)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    args.variants = ["nnUNetTrainer", *[v for v in args.variants if v != "nnUNetTrainer"]]
+    if args.threads is None:
+        args.threads = 0 if cuda else 1
+    if args.threads < 0:
+        p.error("--threads must be >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
+        setup_nnunet_env(Path(tmp))
+        log(f"planning {args.config} for a {args.patch} dataset with nnU-Net's planner ...")
+        plans, dataset_json = make_plans(args.config, args.patch)
+        desc = describe_plans(plans)
+        batch = args.batch or (desc["planned_batch_size"] if cuda else CONFIGS[args.config].cpu_batch)
+        setup = Setup(
+            args.config, plans, dataset_json, batch, args.device, args.amp, args.compile, args.seed, 2, args.threads
+        )
+        log(f"  {desc}; batch {batch}; device {args.device}; AMP {args.amp}; compile {args.compile}")
+        prepare_process(setup)
+        result: dict[str, Any] = {
+            "config": args.config,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "device": device_info(args.device),
+            "plans": desc,
+            "batch_size": batch,
+            "amp": args.amp,
+            "compile": args.compile,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "mem_steps": args.mem_steps,
+        }
+        log(f"step time: {len(args.variants)} trainers alternating, {args.warmup} + {args.steps} rounds")
+        times = time_steps(setup, args.variants, args.warmup, args.steps)
+        result["step_time"] = summarise(times, "nnUNetTrainer")
+        result["step_time_raw_s"] = times
+        if not args.no_memory:
+            log("peak memory:")
+            result["memory"] = measure_memory(setup, args.variants, args.mem_steps)
+        if not args.no_inference:
+            log("inference:")
+            with contextlib.redirect_stdout(io.StringIO()):
+                trainer = build_trainer(setup, "nnUNetTrainer")
+            inf_times, max_abs_diff, shape = time_inference(
+                setup, trainer, args.infer_repeats, args.case_scale, args.mirroring
+            )
+            result["inference"] = {
+                "case_shape": shape,
+                "mirroring": args.mirroring,
+                "repeats": args.infer_repeats,
+                "identical_logits": max_abs_diff == 0.0,
+                "max_abs_logit_difference": max_abs_diff,
+                "summary": summarise(inf_times, "stock"),
+                "raw_s": inf_times,
+            }
+    result["wall_time_s"] = time.perf_counter() - t0
+    log("")
+    log(markdown(result))
+    log(f"\n(total {result['wall_time_s']:.0f}s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        log(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
