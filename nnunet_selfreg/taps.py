@@ -9,7 +9,8 @@ checkpoints load into stock nnU-Net and inference builds a network without any h
 A hook stores its output only while the stage is in training mode and the taps are attached; each
 stage keeps at most its latest output (no growth if nobody consumes them), and :meth:`pop` hands
 the maps over and forgets them, so nothing outlives the training step. Evaluation-mode forwards
-(nnU-Net's validation and sliding-window prediction) store nothing.
+(nnU-Net's validation and sliding-window prediction) store nothing, unless the taps are created with
+``capture_eval=True`` (used by ``nnunet-selfreg analyze`` to look at a trained network in evaluation mode).
 
 Attach before the first forward of a ``torch.compile``-d network: hooks registered after the first
 compiled call are not traced into the graph.
@@ -76,9 +77,14 @@ def check_tappable(network: nn.Module, min_channels: int = 2) -> nn.Module:
 
 
 class UNetFeatureTaps:
-    """Collects encoder and decoder stage outputs of a PlainConvUNet / ResidualEncoderUNet."""
+    """Collects encoder and decoder stage outputs of a PlainConvUNet / ResidualEncoderUNet.
 
-    def __init__(self) -> None:
+    ``capture_eval=True`` also stores outputs of evaluation-mode forwards (analysis of trained
+    networks); the default stores training-mode outputs only.
+    """
+
+    def __init__(self, capture_eval: bool = False) -> None:
+        self.capture_eval = capture_eval
         self._handles: list[RemovableHandle] = []
         self._encoder: dict[int, Tensor] = {}
         self._decoder: dict[int, Tensor] = {}
@@ -97,14 +103,14 @@ class UNetFeatureTaps:
         self.num_encoder_stages = len(net.encoder.stages)
         self.num_decoder_stages = len(net.decoder.stages)
         for i, stage in enumerate(net.encoder.stages):
-            self._handles.append(stage.register_forward_hook(self._make_hook(self._encoder, i)))
+            self._handles.append(stage.register_forward_hook(self._make_hook(self._encoder, i, self.capture_eval)))
         for j, stage in enumerate(net.decoder.stages):
-            self._handles.append(stage.register_forward_hook(self._make_hook(self._decoder, j)))
+            self._handles.append(stage.register_forward_hook(self._make_hook(self._decoder, j, self.capture_eval)))
 
     @staticmethod
-    def _make_hook(store: dict[int, Tensor], index: int):
+    def _make_hook(store: dict[int, Tensor], index: int, capture_eval: bool = False):
         def hook(module: nn.Module, args, output: Tensor) -> None:
-            if module.training:
+            if capture_eval or module.training:
                 store[index] = output
 
         return hook
@@ -121,9 +127,10 @@ class UNetFeatureTaps:
         self._decoder.clear()
 
     def pop(self) -> tuple[list[Tensor], list[Tensor]] | None:
-        """Hand over ``([e_1 … e_S], [d_1 … d_{S-1}])`` from the last training forward and forget them.
+        """Hand over ``([e_1 … e_S], [d_1 … d_{S-1}])`` from the last captured forward and forget them.
 
-        Returns None if no complete set was captured (no training-mode forward since the last pop).
+        Returns None if no complete set was captured (no training-mode forward since the last pop, or
+        no forward at all with ``capture_eval=True``).
         """
         enc, dec = self._encoder, self._decoder
         complete = len(enc) == self.num_encoder_stages and len(dec) == self.num_decoder_stages and enc
@@ -136,3 +143,43 @@ class UNetFeatureTaps:
             self.detach()
         except Exception:
             pass
+
+
+class StageOutputTap:
+    """Keeps the latest training-mode output of one module (e.g. the finest decoder stage).
+
+    Like :class:`UNetFeatureTaps` it only registers a forward hook: the network is unchanged and
+    evaluation-mode forwards store nothing. :meth:`pop` hands the output over and forgets it.
+    """
+
+    def __init__(self) -> None:
+        self._handle: RemovableHandle | None = None
+        self._value: Tensor | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def attach(self, module: nn.Module) -> None:
+        if self._handle is None:
+            self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args, output: Tensor) -> None:
+        if module.training:
+            self._value = output
+
+    def pop(self) -> Tensor | None:
+        value, self._value = self._value, None
+        return value
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._value = None
+
+
+def finest_decoder_stage(network: nn.Module) -> tuple[nn.Module, int]:
+    """The last (highest-resolution) decoder stage of a supported U-Net and its output channels."""
+    net = check_tappable(network, min_channels=1)
+    return net.decoder.stages[-1], int(net.encoder.output_channels[0])

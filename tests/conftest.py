@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.harness import NNUNetEnv
 
 DS_2D = 901
 DS_3D = 902
+DS_SEMISUP_SOURCE = 903
+DS_SEMISUP = 904
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +33,24 @@ def ds3d(nnenv: NNUNetEnv) -> int:
     nnenv.make_dataset(DS_3D, dim=3, num_cases=8, shape=(16, 40, 40), spacing=(2.5, 1.0, 1.0), seed=2)
     nnenv.plan_and_preprocess(DS_3D, ("3d_fullres",))
     return DS_3D
+
+
+@pytest.fixture(scope="session")
+def semisup2d(nnenv: NNUNetEnv, tmp_path_factory) -> int:
+    """10 labelled + 6 unlabelled synthetic 64x64 cases (``scan00`` … ``scan05``), preprocessed for 2d."""
+    from nnunet_selfreg.data.semisupervised import build_semi_supervised_dataset
+    from nnunet_selfreg.data.synthetic import make_synthetic_dataset
+
+    tmp = tmp_path_factory.mktemp("semisup")
+    source = nnenv.make_dataset(DS_SEMISUP_SOURCE, dim=2, num_cases=10, seed=5)
+    extra = make_synthetic_dataset(tmp / "gen", 1, dim=2, num_cases=6, seed=6)
+    unlabeled = tmp / "unlabeled"
+    unlabeled.mkdir()
+    for i, image in enumerate(sorted((extra / "imagesTr").glob("*.png"))):
+        shutil.copy(image, unlabeled / f"scan{i:02d}_0000.png")
+    build_semi_supervised_dataset(source, unlabeled, nnenv.raw, DS_SEMISUP)
+    nnenv.plan_and_preprocess(DS_SEMISUP, ("2d",))
+    return DS_SEMISUP
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ Every CLI runs in a subprocess with its own ``nnUNet_raw/_preprocessed/_results`
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,22 @@ from nnunet_selfreg.data.synthetic import make_synthetic_dataset
 TESTS_DIR = Path(__file__).resolve().parent
 TEST_EXT_TRAINERS = TESTS_DIR / "ext_trainers"
 BIN = Path(sys.executable).parent
+
+
+def small_2d_plans(preprocessed_dataset: Path, shrink: bool = True) -> tuple[dict, dict]:
+    """(plans, dataset.json) of a preprocessed dataset with 32x32 patches for in-process trainers.
+
+    ``shrink`` also narrows the network to 4 stages with 4..16 channels (fast on a CPU).
+    """
+    plans = json.loads((preprocessed_dataset / "nnUNetPlans.json").read_text()) | {"continue_training": False}
+    config = plans["configurations"]["2d"]
+    config["patch_size"] = [32, 32]
+    if shrink:
+        kw = config["architecture"]["arch_kwargs"]
+        kw.update(n_stages=4, features_per_stage=[4, 8, 16, 16], n_conv_per_stage_decoder=[1, 1, 1])
+        for key in ("kernel_sizes", "strides", "n_conv_per_stage"):
+            kw[key] = kw[key][:4]
+    return plans, json.loads((preprocessed_dataset / "dataset.json").read_text())
 
 
 class NNUNetEnv:
@@ -75,7 +92,9 @@ class NNUNetEnv:
             *extra,
         )
 
-    def train(self, dataset_id: int, configuration: str, fold: int, trainer: str, *extra: str, **env: str):
+    def train(
+        self, dataset_id: int, configuration: str, fold: int, trainer: str, *extra: str, check: bool = True, **env: str
+    ):
         return self.run(
             "nnUNetv2_train",
             str(dataset_id),
@@ -86,6 +105,7 @@ class NNUNetEnv:
             "-device",
             "cpu",
             *extra,
+            check=check,
             **env,
         )
 

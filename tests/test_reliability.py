@@ -22,7 +22,7 @@ import torch
 from nnunet_selfreg.tools.export_stock import STOCK_TRAINER, StockNetworkCheck, export_stock, load_checkpoint_safely
 from nnunet_selfreg.tools.main import UserError, main
 from nnunet_selfreg.trainers import nnUNetTrainerSelfReg
-from tests.harness import BIN, NNUNetEnv
+from tests.harness import BIN, NNUNetEnv, small_2d_plans
 
 SEEDED = "nnUNetTrainerSelfRegTinySeeded"
 FOLD = 3  # test_e2e trains fold 0, test_trainer folds 1 and 2 (in their own trainer folders anyway)
@@ -304,16 +304,8 @@ class _InProcessTrainer(nnUNetTrainerSelfReg):
 
 def tiny_trainer(env: NNUNetEnv, ds: int, fold: int, shrink: bool = True) -> nnUNetTrainerSelfReg:
     """In-process trainer on 32x32 patches; ``shrink`` also narrows the network (4 stages, 4..16 channels)."""
-    pre = next(env.preprocessed.glob(f"Dataset{ds:03d}_*"))
-    plans = json.loads((pre / "nnUNetPlans.json").read_text()) | {"continue_training": False}
-    config = plans["configurations"]["2d"]
-    config["patch_size"] = [32, 32]
-    if shrink:
-        kw = config["architecture"]["arch_kwargs"]
-        kw.update(n_stages=4, features_per_stage=[4, 8, 16, 16], n_conv_per_stage_decoder=[1, 1, 1])
-        for key in ("kernel_sizes", "strides", "n_conv_per_stage"):
-            kw[key] = kw[key][:4]
-    t = _InProcessTrainer(plans, "2d", fold, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+    plans, dataset_json = small_2d_plans(next(env.preprocessed.glob(f"Dataset{ds:03d}_*")), shrink)
+    t = _InProcessTrainer(plans, "2d", fold, dataset_json, torch.device("cpu"))
     t.num_val_iterations_per_epoch = 1
     return t
 

@@ -9,6 +9,7 @@ from nnunet_selfreg.trainers.selfreg import (
     nnUNetTrainerSelfReg_IFDOnly,
     nnUNetTrainerSelfReg_SCROnly,
 )
+from nnunet_selfreg.trainers.ssnet import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet
 from nnunet_selfreg.trainers.variants import define_epoch_variants
 
 __all__ = ["nnUNetTrainerSelfReg", "nnUNetTrainerSelfReg_IFDOnly", "nnUNetTrainerSelfReg_SCROnly"]
@@ -18,6 +19,9 @@ __all__ += define_epoch_variants(
 _M2SNET = [nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet]
 __all__ += [c.__name__ for c in _M2SNET]
 __all__ += define_epoch_variants(_M2SNET, globals())
+_SSNET = [nnUNetTrainerSSNet, nnUNetTrainer_LabeledOnly]
+__all__ += [c.__name__ for c in _SSNET]
+__all__ += define_epoch_variants(_SSNET, globals())
 
 for _base in (
     nnUNetTrainer,
@@ -25,6 +29,7 @@ for _base in (
     nnUNetTrainerSelfReg_SCROnly,
     nnUNetTrainerSelfReg_IFDOnly,
     *_M2SNET,
+    *_SSNET,
 ):
     _cls = make_budget_variant(_base, __name__)
     globals()[_cls.__name__] = _cls

@@ -32,6 +32,12 @@ def validate_weight(value: Any, name: str) -> float:
     return float(value)
 
 
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    """A seed for one epoch of one fold: restarting an epoch (``--c``) redraws the same random numbers."""
+    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(fold), int(epoch)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
 class nnUNetTrainerSelfReg(nnUNetTrainer):
     """nnU-Net with SelfReg-UNet (Zhu et al., MICCAI 2024): ``L = L_seg + λ (IFD_enc + IFD_dec + SCR)``.
 
@@ -115,8 +121,7 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
 
     def _selfreg_epoch_seed(self) -> int:
         fold = self.fold if isinstance(self.fold, int) else 0
-        entropy = [int(self.selfreg_seed) & 0xFFFFFFFFFFFFFFFF, fold, int(self.current_epoch)]
-        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        return epoch_seed(int(self.selfreg_seed), fold, int(self.current_epoch))
 
     # ----------------------------------------------------------------------------- logging
     def on_train_epoch_end(self, train_outputs: list[dict]):

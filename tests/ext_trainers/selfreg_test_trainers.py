@@ -12,6 +12,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.trainers import nnUNetTrainerSelfReg
 from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet
+from nnunet_selfreg.trainers.ssnet import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet
 
 
 def _tiny_budget(trainer) -> None:
@@ -59,3 +60,32 @@ class nnUNetTrainerM2SNetTiny(nnUNetTrainerM2SNet):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _tiny_budget(self)
         self.lossnet_input_size = 64  # VGG-16 on 64x64 instead of 224x224: CPU test budget
+
+
+class nnUNetTrainerSSNetTiny(nnUNetTrainerSSNet):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _tiny_budget(self)
+        # reach the full weight quickly so that every term matters within a few iterations
+        self.ssnet_rampup_step = 1
+        self.ssnet_rampup_length = 4
+
+
+class nnUNetTrainer_LabeledOnlyTiny(nnUNetTrainer_LabeledOnly):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _tiny_budget(self)

@@ -1,0 +1,125 @@
+"""``nnunet-selfreg add-unlabeled``: a new raw dataset = a labelled dataset plus unlabelled images.
+
+Each unlabelled image becomes a training case whose label map is entirely nnU-Net's ignore label, and
+dataset.json records the unlabelled case ids (see :mod:`nnunet_selfreg.data.semisupervised`), so the
+standard ``nnUNetv2_plan_and_preprocess`` handles the new dataset and ``nnUNetTrainerSSNet`` trains on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from nnunet_selfreg.tools.main import UserError
+
+DESCRIPTION = (
+    "Write a new dataset in $nnUNet_raw: the labelled dataset SOURCE (copied unchanged) plus the images of "
+    "UNLABELED_FOLDER as unlabelled training cases (label maps filled with nnU-Net's ignore label, listed in "
+    "dataset.json under \"nnunet_selfreg\"). Unlabelled images use the dataset's file ending and nnU-Net's naming "
+    "CASE_XXXX<ending>; single-channel datasets also accept CASE<ending>. Nothing existing is overwritten."
+)
+
+
+def _env_path(var: str) -> Path | None:
+    value = os.environ.get(var)
+    return Path(value) if value else None
+
+
+def _source_folder(raw: Path, source: str) -> Path:
+    from nnunet_selfreg.evaluation.results import CompareInputError, resolve_dataset
+
+    try:
+        name = resolve_dataset(source)
+    except CompareInputError as e:
+        raise UserError(str(e)) from None
+    folder = raw / name
+    if not folder.is_dir():
+        raise UserError(f"dataset {source!r} ({name}) is not in nnUNet_raw={raw}: it needs its raw folder there")
+    return folder
+
+
+def _id_users(dataset_id: int, *roots: Path | None) -> list[Path]:
+    return sorted(p for r in roots if r is not None and r.is_dir() for p in r.glob(f"Dataset{dataset_id:03d}_*"))
+
+
+def _new_id(requested: int | None, source_id: int, raw: Path, preprocessed: Path | None, results: Path | None) -> int:
+    from nnunet_selfreg.data.dsb2018 import find_free_dataset_id
+
+    if requested is None:
+        try:
+            return find_free_dataset_id(raw, preprocessed, results, start=source_id + 1)
+        except RuntimeError:
+            try:
+                return find_free_dataset_id(raw, preprocessed, results, start=1)
+            except RuntimeError:
+                raise UserError("no free nnU-Net dataset id (1..999) is left; remove a dataset") from None
+    if not 1 <= requested <= 999:
+        raise UserError(f"-o {requested}: nnU-Net dataset ids have three digits (1..999)")
+    users = _id_users(requested, raw, preprocessed, results)
+    if users:
+        raise UserError(f"dataset id {requested} is in use ({users[0]}); choose another -o or leave it out")
+    return requested
+
+
+def _progress(done: int, total: int, message: str) -> None:
+    if done == total or done % max(1, total // 10) == 0 or message.startswith("copied"):
+        print(f"  [{done}/{total}] {message}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+    from nnunet_selfreg.data.semisupervised import (
+        SEMISUPERVISED_KEY,
+        SemiSupervisedDataError,
+        build_semi_supervised_dataset,
+        ignore_label_value,
+    )
+
+    raw = _env_path("nnUNet_raw")
+    if raw is None:
+        raise UserError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (the folder with DatasetXXX_*)")
+    preprocessed, results = _env_path("nnUNet_preprocessed"), _env_path("nnUNet_results")
+    source = _source_folder(raw, args.dataset)
+    new_id = _new_id(args.new_id, convert_dataset_name_to_id(source.name), raw, preprocessed, results)
+    print(f"adding the unlabelled images of {Path(args.unlabeled).absolute()} to {source.name} as dataset {new_id}")
+    try:
+        target = build_semi_supervised_dataset(
+            source, Path(args.unlabeled), raw, new_id, name=args.name, prefix=args.prefix, progress=_progress
+        )
+    except SemiSupervisedDataError as e:
+        raise UserError(str(e)) from None
+
+    import json
+
+    dataset_json = json.loads((target / "dataset.json").read_text())
+    entry = dataset_json[SEMISUPERVISED_KEY]
+    print(
+        f"wrote {target}: {entry['labeled_cases']} labelled + {len(entry['unlabeled_cases'])} unlabelled cases, "
+        f"ignore label {ignore_label_value(dataset_json)}"
+    )
+    if any(str(v).strip().lower() == "ct" for v in dataset_json.get("channel_names", {}).values()):
+        print(
+            "  note: nnU-Net's fingerprint counts the unlabelled (all-ignore) images as foreground, which shifts "
+            "the CT normalisation statistics"
+        )
+    print("next:")
+    print(f"  nnUNetv2_plan_and_preprocess -d {new_id} --verify_dataset_integrity")
+    print(f"  nnUNetv2_train {new_id} CONFIGURATION FOLD -tr nnUNetTrainerSSNet   # 2d, 3d_fullres, ...")
+    print(f"  nnUNetv2_train {new_id} CONFIGURATION FOLD -tr nnUNetTrainer_LabeledOnly   # baseline, same folds")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "add-unlabeled",
+        help="new raw dataset = a labelled dataset plus unlabelled images (for SS-Net semi-supervised training)",
+        description=DESCRIPTION,
+    )
+    p.add_argument("-d", dest="dataset", required=True, help="labelled source dataset: id or DatasetXXX_Name")
+    p.add_argument("-i", dest="unlabeled", required=True, metavar="UNLABELED_FOLDER", help="unlabelled images")
+    p.add_argument("-o", dest="new_id", type=int, default=None, metavar="NEW_ID", help="new dataset id (default: free)")
+    p.add_argument("--name", default=None, help="name of the new dataset (default: the source's name + 'SemiSup')")
+    p.add_argument("--prefix", default="", help="prefix for the unlabelled case ids (avoids clashes, e.g. unl_)")
+    p.set_defaults(func=run)

@@ -1,0 +1,466 @@
+"""SS-Net for nnU-Net: semi-supervised training on labelled and unlabelled cases of one dataset.
+
+Unlabelled cases are ordinary nnU-Net training cases whose label map is entirely the ignore label;
+``dataset.json`` lists them under ``nnunet_selfreg.unlabeled_cases`` (``nnunet-selfreg add-unlabeled``
+builds such a dataset). Cross-validation folds are made of labelled cases only; every unlabelled
+case joins every training fold (see :func:`semi_supervised_keys`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import Tensor, autocast
+
+from nnunet_selfreg.data.mixed_batches import MixedBatchDataLoader
+from nnunet_selfreg.data.semisupervised import (
+    SemiSupervisedDataError,
+    check_semi_supervised_split,
+    semi_supervised_splits,
+    unlabeled_cases,
+)
+from nnunet_selfreg.losses.class_separation import ClassSeparationHeads, PrototypeMemory, class_separation_loss
+from nnunet_selfreg.losses.schedule import sigmoid_rampup_weight
+from nnunet_selfreg.losses.vat import adversarial_direction, frozen_batchnorm_stats, soft_dice_distance
+from nnunet_selfreg.taps import StageOutputTap, finest_decoder_stage, unwrap_network
+from nnunet_selfreg.trainers.progress import install_extended_logger
+from nnunet_selfreg.trainers.selfreg import epoch_seed, validate_weight
+
+#: per-step terms returned by train_step (epoch means go to the log and progress.png)
+SSNET_TERMS = ("ssnet_sup", "ssnet_lds", "ssnet_cs_labeled", "ssnet_cs_unlabeled", "ssnet_weight")
+_LOG_LABELS = {
+    "ssnet_sup": "L_sup (nnU-Net's loss, labelled part)",
+    "ssnet_lds": "L_lds (VAT smoothness)",
+    "ssnet_cs_labeled": "L_cs labelled",
+    "ssnet_cs_unlabeled": "L_cs unlabelled",
+    "ssnet_weight": "w(t)",
+}
+CHECKPOINT_KEY = "ssnet"
+
+
+def _save_json_atomically(obj: Any, path: str) -> None:
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_json(obj, tmp)
+    os.replace(tmp, path)
+
+
+def average_gradients(parameters) -> None:
+    """Average ``.grad`` over all ranks in one all-reduce (a missing gradient counts as zero)."""
+    params = list(parameters)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], list[str]]:
+    """(labelled training, unlabelled training, validation) case ids of ``trainer.fold``.
+
+    Reads ``splits_final.json`` in the preprocessed folder, or writes it when absent: the labelled
+    cases in nnU-Net's own seeded 5-fold split, every unlabelled case in every training fold. A splits
+    file that validates on unlabelled cases (e.g. written by a stock trainer) is refused.
+    """
+    unlabeled = unlabeled_cases(trainer.dataset_json)
+    if not unlabeled:
+        raise SemiSupervisedDataError(
+            f"{trainer.__class__.__name__} needs unlabelled cases, but the dataset.json of "
+            f"{trainer.plans_manager.dataset_name} lists none under 'nnunet_selfreg.unlabeled_cases'. Build a "
+            "semi-supervised dataset with `nnunet-selfreg add-unlabeled -d <dataset> -i <folder of unlabelled "
+            "images>` and preprocess it, or train the stock nnUNetTrainer on a fully labelled dataset."
+        )
+    if trainer.label_manager.has_regions:
+        raise SemiSupervisedDataError(
+            "region-based (sigmoid) label definitions are not supported by SS-Net: its class-separation term "
+            "needs one softmax class per pixel. Use a dataset with plain integer labels."
+        )
+    if trainer.label_manager.ignore_label is None:
+        raise SemiSupervisedDataError(
+            "the dataset lists unlabelled cases but has no ignore label: their label maps would be read as "
+            "background. Add an 'ignore' label (the highest value) whose value fills the unlabelled label maps "
+            "(`nnunet-selfreg add-unlabeled` does this)."
+        )
+    if trainer.dataset_class is None:
+        trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
+    identifiers = set(trainer.dataset_class.get_identifiers(trainer.preprocessed_dataset_folder))
+    missing = sorted(set(unlabeled) - identifiers)
+    if missing:
+        raise SemiSupervisedDataError(
+            f"{len(missing)} unlabelled case(s) listed in dataset.json are not in "
+            f"{trainer.preprocessed_dataset_folder} (e.g. {missing[:3]}): "
+            "run nnUNetv2_plan_and_preprocess again for this configuration."
+        )
+    unl = set(unlabeled)
+    labeled = sorted(identifiers - unl)
+    if trainer.fold == "all":
+        return labeled, sorted(unl), labeled
+    splits_file = join(trainer.preprocessed_dataset_folder_base, "splits_final.json")
+    if isfile(splits_file):
+        splits = load_json(splits_file)
+        trainer.print_to_log_file(f"Using splits from existing split file: {splits_file}")
+    else:
+        splits = semi_supervised_splits(labeled, sorted(unl))
+        if trainer.local_rank == 0:
+            _save_json_atomically(splits, splits_file)
+        trainer.print_to_log_file(
+            f"Created semi-supervised 5-fold splits ({len(labeled)} labelled cases folded, {len(unl)} unlabelled "
+            f"cases in every training fold): {splits_file}"
+        )
+    if not isinstance(trainer.fold, int) or not 0 <= trainer.fold < len(splits):
+        raise SemiSupervisedDataError(
+            f"fold {trainer.fold} is not in {splits_file} ({len(splits)} folds). SS-Net does not fall back to "
+            "nnU-Net's random 80:20 split: add the fold to the splits file."
+        )
+    split = splits[trainer.fold]
+    check_semi_supervised_split(split, unl, trainer.fold, splits_file)
+    tr_lab = [k for k in split["train"] if k not in unl]
+    tr_unl = [k for k in split["train"] if k in unl]
+    return tr_lab, tr_unl, list(split["val"])
+
+
+class nnUNetTrainer_LabeledOnly(nnUNetTrainer):
+    """Supervised baseline for a semi-supervised dataset: stock nnU-Net on the labelled training cases.
+
+    Same folds as :class:`nnUNetTrainerSSNet` (labelled validation cases only); the unlabelled cases
+    are left out of training, so the comparison isolates what the unlabelled data add.
+    """
+
+    def do_split(self):
+        tr_lab, tr_unl, val = semi_supervised_keys(self)
+        self.print_to_log_file(
+            f"Fold {self.fold}: {len(tr_lab)} labelled training cases ({len(tr_unl)} unlabelled cases left out), "
+            f"{len(val)} validation cases"
+        )
+        return tr_lab, val
+
+
+class nnUNetTrainerSSNet(nnUNetTrainer):
+    """SS-Net (Wu et al., MICCAI 2022) with nnU-Net's network, loss, data and schedule.
+
+    ``L = L_sup + w(t) · (L_lds + λ_cs · (L_cs_labelled + L_cs_unlabelled))`` where ``L_sup`` is
+    nnU-Net's Dice+CE with deep supervision on the labelled part of each batch, ``L_lds`` virtual
+    adversarial smoothness on every image, ``L_cs`` class separation on the finest decoder features
+    (heads, selectors and memory outside the network, saved in the checkpoint).
+    """
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        three_d = len(self.configuration_manager.patch_size) == 3
+        self.ssnet_labeled_fraction = 0.5  # labelled share of each batch (1:1 as in the reference)
+        self.ssnet_consistency = 1.0 if three_d else 0.1  # c of w(t)
+        self.ssnet_rampup_length = 40 if three_d else 200  # T of w(t), in units of ssnet_rampup_step
+        self.ssnet_rampup_step = 150  # iterations per ramp-up unit
+        self.ssnet_vat_xi = 10.0  # ξ: size of the probe perturbation
+        self.ssnet_vat_eps = 10.0 if three_d else 6.0  # ε: size of the adversarial perturbation
+        self.ssnet_cs_weight = 0.1  # λ_cs
+        self.ssnet_head_dim = 32  # width of the projection / prediction heads
+        self.ssnet_memory_size = 32  # vectors per class in the memory
+        self.ssnet_cs_max_pixels: int | None = None  # per batch part; None: every pixel (reference)
+        self.ssnet_seed = 12345  # seeds VAT directions and pixel sub-sampling (with fold and epoch)
+        self.ssnet_num_labeled = 0  # set in initialize() from the batch size
+        self.ssnet_heads: ClassSeparationHeads | None = None
+        self.ssnet_memory: PrototypeMemory | None = None
+        self.ssnet_tap = StageOutputTap()
+        self._ssnet_keys: tuple[list[str], list[str], list[str]] | None = None
+        self._ssnet_dataset_tr = None
+        self._ssnet_generator: torch.Generator | None = None
+        self._ssnet_step = 0  # iterations done in the current epoch
+
+    # ----------------------------------------------------------------------------- set-up
+    def _check_hyperparameters(self) -> None:
+        for name in ("ssnet_consistency", "ssnet_vat_xi", "ssnet_vat_eps", "ssnet_cs_weight", "ssnet_rampup_length"):
+            setattr(self, name, validate_weight(getattr(self, name), name))
+        frac = float(self.ssnet_labeled_fraction)
+        if not 0.0 < frac < 1.0:
+            raise ValueError(f"ssnet_labeled_fraction must lie strictly between 0 and 1, got {frac}")
+        for name in ("ssnet_rampup_step", "ssnet_head_dim", "ssnet_memory_size"):
+            value = getattr(self, name)
+            smallest = 2 if "memory" in name else 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < smallest:
+                raise ValueError(f"{name} must be a positive integer (memory size >= 2), got {value!r}")
+        mp = self.ssnet_cs_max_pixels
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, (int, np.integer)) or mp < 2):
+            raise ValueError(f"ssnet_cs_max_pixels must be None or an integer >= 2, got {mp!r}")
+
+    def initialize(self):
+        self._check_hyperparameters()
+        install_extended_logger(self.logger, _LOG_LABELS, f"{self.__class__.__name__} terms")
+        super().initialize()
+        batch = int(self.batch_size)
+        if batch < 2:
+            raise ValueError(
+                f"SS-Net needs at least one labelled and one unlabelled patch per batch, but the batch size "
+                f"{'per GPU ' if self.is_ddp else ''}is {batch}. Use a plans file with batch_size >= 2 "
+                f"{'per GPU (or fewer GPUs)' if self.is_ddp else ''}."
+            )
+        self.ssnet_num_labeled = min(batch - 1, max(1, round(batch * float(self.ssnet_labeled_fraction))))
+        self._ssnet_generator = torch.Generator(device=self.device)
+        self._ssnet_generator.manual_seed(int(self.ssnet_seed))
+
+    def configure_optimizers(self):
+        # nnU-Net calls this once the network exists: build the heads here so that they join the
+        # optimiser (own parameter group, same SGD settings, same poly learning-rate schedule)
+        optimizer, lr_scheduler = super().configure_optimizers()
+        _, channels = finest_decoder_stage(self.network)
+        num_classes = self.label_manager.num_segmentation_heads
+        self.ssnet_heads = ClassSeparationHeads(channels, num_classes, int(self.ssnet_head_dim)).to(self.device)
+        self.ssnet_memory = PrototypeMemory(num_classes, int(self.ssnet_memory_size))
+        optimizer.add_param_group({"params": list(self.ssnet_heads.parameters())})
+        return optimizer, lr_scheduler
+
+    def do_split(self):
+        self._ssnet_keys = semi_supervised_keys(self)
+        tr_lab, tr_unl, val = self._ssnet_keys
+        self.print_to_log_file(
+            f"Fold {self.fold}: {len(tr_lab)} labelled + {len(tr_unl)} unlabelled training cases, "
+            f"{len(val)} labelled validation cases"
+        )
+        return tr_lab + tr_unl, val
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._ssnet_dataset_tr = dataset_tr
+        return dataset_tr, dataset_val
+
+    def get_dataloaders(self):
+        # nnU-Net builds its training and validation loaders inside get_dataloaders; for the duration
+        # of that call the loader class it uses makes our mixed batches for the training dataset
+        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+        stock = trainer_module.nnUNetDataLoader
+        made: list[MixedBatchDataLoader] = []
+
+        def make_loader(data, batch_size, *args, **kwargs):
+            if data is not self._ssnet_dataset_tr:
+                return stock(data, batch_size, *args, **kwargs)
+            tr_lab, tr_unl, _ = self._ssnet_keys
+            loader = MixedBatchDataLoader(
+                data, batch_size, *args, labeled=tr_lab, unlabeled=tr_unl, num_labeled=self.ssnet_num_labeled, **kwargs
+            )
+            made.append(loader)
+            return loader
+
+        trainer_module.nnUNetDataLoader = make_loader
+        try:
+            loaders = super().get_dataloaders()
+        finally:
+            trainer_module.nnUNetDataLoader = stock
+        if not made:
+            raise RuntimeError("nnU-Net built no training loader via nnUNetDataLoader: unsupported nnunetv2 version")
+        return loaders
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        stage, _ = finest_decoder_stage(self.network)
+        self.ssnet_tap.attach(stage)  # before the first forward (torch.compile traces the hook)
+        super().on_train_start()
+        tr_lab, tr_unl, val = self._ssnet_keys
+        n_l = self.ssnet_num_labeled
+        self.print_to_log_file(
+            f"SS-Net: batch {n_l} labelled + {self.batch_size - n_l} unlabelled patches; w(t) = "
+            f"{self.ssnet_consistency} * exp(-5 (1 - min(t, T)/T)^2) with T = {self.ssnet_rampup_length}, "
+            f"t = iteration // {self.ssnet_rampup_step}; VAT xi={self.ssnet_vat_xi}, eps={self.ssnet_vat_eps}; "
+            f"L_cs weight {self.ssnet_cs_weight}, heads {self.ssnet_head_dim}-d, memory {self.ssnet_memory_size} "
+            f"per class; training cases: {len(tr_lab)} labelled, {len(tr_unl)} unlabelled",
+            also_print_to_console=True,
+        )
+
+    def on_train_end(self):
+        super().on_train_end()
+        self.ssnet_tap.detach()
+
+    def on_train_epoch_start(self):
+        fold = self.fold if isinstance(self.fold, int) else 0
+        self._ssnet_generator.manual_seed(epoch_seed(int(self.ssnet_seed), fold, int(self.current_epoch)))
+        self._ssnet_step = 0
+        super().on_train_epoch_start()
+
+    # ----------------------------------------------------------------------------- training step
+    def ssnet_iteration(self) -> int:
+        """Global iteration index (derived from the epoch, so a resumed run continues the schedule)."""
+        return int(self.current_epoch) * int(self.num_iterations_per_epoch) + self._ssnet_step
+
+    def ssnet_weight(self) -> float:
+        return sigmoid_rampup_weight(
+            self.ssnet_iteration(), self.ssnet_consistency, self.ssnet_rampup_length, int(self.ssnet_rampup_step)
+        )
+
+    def _subsample(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        limit = self.ssnet_cs_max_pixels
+        if limit is None or h.shape[0] <= limit:
+            return h, y
+        idx = torch.randperm(h.shape[0], generator=self._ssnet_generator, device=self.device)[:limit]
+        return h[idx], y[idx]
+
+    def class_separation(self, features: Tensor, logits: Tensor, target: Tensor, n_l: int) -> tuple[Tensor, Tensor]:
+        """Update the memory from this batch, then L_cs of the labelled and the unlabelled part."""
+        if features.shape[0] != logits.shape[0] or features.shape[2:] != logits.shape[2:]:
+            raise RuntimeError(
+                f"SS-Net needs the finest decoder stage at the output resolution: features {tuple(features.shape)}, "
+                f"logits {tuple(logits.shape)}. Plans whose first stage downsamples are not supported."
+            )
+        heads, memory = self.ssnet_heads, self.ssnet_memory
+        channels = features.shape[1]
+        h = features.movedim(1, -1)  # (B, *spatial, C)
+        predicted = logits.detach().argmax(1)
+        labels = target[:n_l, 0].long()
+        correct = (predicted[:n_l] == labels) & (labels > 0)
+        cand_labels = labels[correct]
+        z, scores = heads.memory_candidates(h[:n_l][correct].detach(), cand_labels)
+        memory.update(z, cand_labels, scores, distributed=self.is_ddp)
+        h_l, y_l = self._subsample(h[:n_l].reshape(-1, channels), labels.reshape(-1))
+        h_u, y_u = self._subsample(h[n_l:].reshape(-1, channels), predicted[n_l:].reshape(-1))
+        loss_l = class_separation_loss(heads(h_l), y_l, memory.bank, heads.selectors, heads.memory_selectors)
+        loss_u = class_separation_loss(heads(h_u), y_u, memory.bank, heads.selectors, heads.memory_selectors)
+        return loss_l, loss_u
+
+    def _backward(self, loss: Tensor) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = (
+            [t.to(self.device, non_blocking=True) for t in target]
+            if isinstance(target, list)
+            else target.to(self.device, non_blocking=True)
+        )
+        targets = target if isinstance(target, list) else [target]
+        n_l = self.ssnet_num_labeled
+        if not 0 < n_l < data.shape[0]:
+            raise RuntimeError(f"batch of {data.shape[0]} patches cannot hold {n_l} labelled + >= 1 unlabelled")
+        w = self.ssnet_weight()
+        amp = (lambda: autocast(self.device.type, enabled=True)) if self.device.type == "cuda" else dummy_context
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ssnet_heads.train()
+
+        # 1) labelled supervision + class separation on the main forward (no DDP sync yet)
+        with self.network.no_sync() if self.is_ddp else contextlib.nullcontext():
+            with amp():
+                self.ssnet_tap.pop()
+                output = self.network(data)
+                features = self.ssnet_tap.pop()
+                if features is None:
+                    raise RuntimeError("the finest decoder stage was not captured: is the tap attached?")
+                outputs = list(output) if isinstance(output, (list, tuple)) else [output]
+                lab_out = [o[:n_l] for o in outputs] if isinstance(output, (list, tuple)) else output[:n_l]
+                lab_tgt = [t[:n_l] for t in target] if isinstance(target, list) else target[:n_l]
+                l_sup = self.loss(lab_out, lab_tgt)
+                cs_l, cs_u = self.class_separation(features, outputs[0], targets[0], n_l)
+                l_main = l_sup + (w * float(self.ssnet_cs_weight)) * (cs_l + cs_u)
+            self._backward(l_main)
+        p = torch.softmax(outputs[0].detach().float(), dim=1)
+        del output, outputs, lab_out, features, l_main
+
+        # 2) VAT: direction from a probe pass (no parameter gradient), then the adversarial pass
+        plain = self.network.module if self.is_ddp else self.network
+        with amp(), frozen_batchnorm_stats(unwrap_network(self.network)):
+
+            def logits(x: Tensor) -> Tensor:
+                out = plain(x)
+                return out[0] if isinstance(out, (list, tuple)) else out
+
+            r = adversarial_direction(logits, data, p, float(self.ssnet_vat_xi), self._ssnet_generator)
+            self.ssnet_tap.pop()
+            adv = self.network(data + float(self.ssnet_vat_eps) * r)
+            self.ssnet_tap.pop()
+            advs = list(adv) if isinstance(adv, (list, tuple)) else [adv]
+            l_lds = soft_dice_distance(torch.softmax(advs[0].float(), dim=1), p)
+            l_adv = w * l_lds
+            if self.is_ddp:  # every parameter must take part in the synchronised backward
+                l_adv = l_adv + sum(0.0 * o.float().sum() for o in advs[1:])
+        self._backward(l_adv)
+        if self.is_ddp:  # the heads are not wrapped in DDP
+            average_gradients(self.ssnet_heads.parameters())
+
+        net_params = list(self.network.parameters())
+        head_params = list(self.ssnet_heads.parameters())
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(net_params, 12)
+            torch.nn.utils.clip_grad_norm_(head_params, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(net_params, 12)
+            torch.nn.utils.clip_grad_norm_(head_params, 12)
+            self.optimizer.step()
+        self._ssnet_step += 1
+        terms = torch.stack([l_sup.detach().float(), l_lds.detach(), cs_l.detach(), cs_u.detach()])
+        terms = terms.cpu().numpy()
+        total = terms[0] + w * (terms[1] + float(self.ssnet_cs_weight) * (terms[2] + terms[3]))
+        return {"loss": np.float32(total), "ssnet": np.append(terms, w).astype(np.float64)}
+
+    # ----------------------------------------------------------------------------- logging
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        terms = np.stack([o["ssnet"] for o in train_outputs])
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, terms)
+            terms = np.concatenate(gathered)
+        means = terms.mean(axis=0)
+        pairs = list(zip(SSNET_TERMS, means, strict=True))
+        for key, value in pairs:
+            self.logger.log(key, float(value), self.current_epoch)
+        self.print_to_log_file("SS-Net epoch means: " + ", ".join(f"{k[6:]} {np.round(v, 6)}" for k, v in pairs))
+        super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def ssnet_state(self) -> dict:
+        return {
+            "version": 1,
+            "heads": {k: v.detach().cpu() for k, v in self.ssnet_heads.state_dict().items()},
+            "memory": self.ssnet_memory.state_dict(),
+            "iteration": self.ssnet_iteration(),
+        }
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing or self.ssnet_heads is None or not isfile(filename):
+            return
+        # nnU-Net's save_checkpoint has no hook for extra state: add ours to the file it wrote
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint[CHECKPOINT_KEY] = self.ssnet_state()
+        tmp = f"{filename}.tmp{os.getpid()}"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+        if state is None:
+            raise RuntimeError(
+                "this checkpoint has no SS-Net state (heads, selectors, memory): it was not written by "
+                f"{self.__class__.__name__}, so training cannot resume from it. Start a new run without --c, or use "
+                "it as -pretrained_weights."
+            )
+        self.ssnet_heads.load_state_dict(state["heads"])
+        self.ssnet_memory.load_state_dict(state["memory"], device=self.device)
