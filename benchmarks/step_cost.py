@@ -47,11 +47,13 @@ DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID}_StepCost"
 NUM_CLASSES = 3  # background + 2 foreground labels
 VARIANTS = ("nnUNetTrainer", "SelfReg", "SCROnly", "IFDOnly")
+EXTRA_VARIANTS = ("SSNet",)  # on request (--variants SSNet): half of each batch counts as unlabelled
 TRAINER_NAMES = {
     "nnUNetTrainer": "nnUNetTrainer",
     "SelfReg": "nnUNetTrainerSelfReg",
     "SCROnly": "nnUNetTrainerSelfReg_SCROnly",
     "IFDOnly": "nnUNetTrainerSelfReg_IFDOnly",
+    "SSNet": "nnUNetTrainerSSNet",
 }
 
 
@@ -186,14 +188,18 @@ class Setup:
 def trainer_class(variant: str) -> type:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_selfreg.trainers import selfreg
+    from nnunet_selfreg.trainers import selfreg, ssnet
 
-    return nnUNetTrainer if variant == "nnUNetTrainer" else getattr(selfreg, TRAINER_NAMES[variant])
+    if variant == "nnUNetTrainer":
+        return nnUNetTrainer
+    return getattr(ssnet if variant == "SSNet" else selfreg, TRAINER_NAMES[variant])
 
 
 def build_trainer(setup: Setup, variant: str):
     """A trainer after ``initialize()`` with its taps attached, as ``on_train_start`` leaves it."""
+    from nnunet_selfreg.taps import finest_decoder_stage
     from nnunet_selfreg.trainers.selfreg import nnUNetTrainerSelfReg
+    from nnunet_selfreg.trainers.ssnet import nnUNetTrainerSSNet
 
     plans = deepcopy(setup.plans)
     plans["continue_training"] = False
@@ -208,6 +214,8 @@ def build_trainer(setup: Setup, variant: str):
         trainer.initialize()
         if isinstance(trainer, nnUNetTrainerSelfReg):  # what on_train_start does before the first forward
             trainer.selfreg_taps.attach(trainer.network, min_channels=2 if trainer.selfreg_use_ifd else 1)
+        if isinstance(trainer, nnUNetTrainerSSNet):
+            trainer.ssnet_tap.attach(finest_decoder_stage(trainer.network)[0])
         trainer.network.train()
     return trainer
 
@@ -300,6 +308,8 @@ def time_steps(setup: Setup, variants: Sequence[str], warmup: int, steps: int) -
     for t in trainers.values():
         if hasattr(t, "selfreg_taps"):
             t.selfreg_taps.detach()
+        if hasattr(t, "ssnet_tap"):
+            t.ssnet_tap.detach()
     return times
 
 
@@ -536,9 +546,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=VARIANTS,
+        choices=VARIANTS + EXTRA_VARIANTS,
         default=list(VARIANTS),
-        help="trainers to compare (default: all; nnUNetTrainer is always included)",
+        help="trainers to compare (default: the SelfReg ones; nnUNetTrainer is always included; SSNet on request)",
     )
     p.add_argument(
         "--amp",
