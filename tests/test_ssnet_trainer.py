@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from nnunet_selfreg.data.semisupervised import SemiSupervisedDataError
-from nnunet_selfreg.trainers import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet
+from nnunet_selfreg.trainers import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet, nnUNetTrainerSSNet_FullRampup
 from tests.harness import small_2d_plans
 
 
@@ -109,3 +110,45 @@ def test_labeled_only_splits_and_refusals(in_process, semisup2d, ds2d):
         make_trainer(in_process, semisup2d, ssnet_labeled_fraction=1.0).initialize()
     with pytest.raises(SemiSupervisedDataError, match="fold 7 is not in"):
         make_trainer(in_process, semisup2d, fold=7).do_split()
+
+
+def test_rampup_over_the_reference_unit_or_the_whole_run(in_process, semisup2d):
+    t = make_trainer(in_process, semisup2d, num_epochs=10, num_iterations_per_epoch=40)
+    t.current_epoch, t._ssnet_step = 9, 39  # the last of 400 iterations
+    assert t.ssnet_rampup_step_iterations() == 150
+    assert t.ssnet_weight() == pytest.approx(0.1 * math.exp(-5 * (1 - 2 / 200) ** 2))  # t = 399 // 150 = 2
+    full = make_trainer(in_process, semisup2d, cls=nnUNetTrainerSSNet_FullRampup, num_epochs=10)
+    full.num_iterations_per_epoch = 40
+    full.current_epoch, full._ssnet_step = 9, 39
+    assert full.ssnet_rampup_step_iterations() == 2  # 400 iterations / 200 units
+    assert full.ssnet_weight() == pytest.approx(0.1 * math.exp(-5 * (1 - 199 / 200) ** 2))
+    with pytest.raises(ValueError, match="ssnet_rampup_fraction"):
+        make_trainer(in_process, semisup2d, ssnet_rampup_fraction=1.5)._check_hyperparameters()
+
+
+def test_3d_train_step_on_anisotropic_plans(in_process, ds3d):
+    """One SS-Net step on nnU-Net's anisotropic 3d_fullres plans (labelled + unlabelled patch)."""
+    import json
+
+    import torch.nn.functional as F
+
+    from nnunet_selfreg.taps import finest_decoder_stage
+
+    pre = next(in_process.preprocessed.glob(f"Dataset{ds3d:03d}_*"))
+    plans = json.loads((pre / "nnUNetPlans.json").read_text()) | {"continue_training": False}
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    t = nnUNetTrainerSSNet(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    assert t.ssnet_vat_eps == 10.0 and t.ssnet_consistency == 1.0 and t.ssnet_rampup_length == 40
+    t.initialize()
+    t.ssnet_tap.attach(finest_decoder_stage(t.network)[0])  # what on_train_start does
+    patch = [int(p) for p in t.configuration_manager.patch_size]
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(0, 3, (t.batch_size, 1, *[max(1, p // 4) for p in patch]), generator=g).float()
+    seg = F.interpolate(seg, size=patch, mode="nearest")
+    target = [
+        F.interpolate(seg, size=[round(p * s) for p, s in zip(patch, sc, strict=True)])
+        for sc in t._get_deep_supervision_scales()
+    ]
+    out = t.train_step({"data": torch.randn(t.batch_size, 1, *patch, generator=g), "target": target})
+    assert np.isfinite(out["loss"]) and np.isfinite(out["ssnet"]).all() and out["ssnet"][1] > 0
+    t.ssnet_tap.detach()

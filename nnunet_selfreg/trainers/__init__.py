@@ -9,7 +9,11 @@ from nnunet_selfreg.trainers.selfreg import (
     nnUNetTrainerSelfReg_IFDOnly,
     nnUNetTrainerSelfReg_SCROnly,
 )
-from nnunet_selfreg.trainers.ssnet import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet
+from nnunet_selfreg.trainers.ssnet import (
+    nnUNetTrainer_LabeledOnly,
+    nnUNetTrainerSSNet,
+    nnUNetTrainerSSNet_FullRampup,
+)
 from nnunet_selfreg.trainers.variants import define_epoch_variants
 
 __all__ = ["nnUNetTrainerSelfReg", "nnUNetTrainerSelfReg_IFDOnly", "nnUNetTrainerSelfReg_SCROnly"]
@@ -19,7 +23,7 @@ __all__ += define_epoch_variants(
 _M2SNET = [nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet]
 __all__ += [c.__name__ for c in _M2SNET]
 __all__ += define_epoch_variants(_M2SNET, globals())
-_SSNET = [nnUNetTrainerSSNet, nnUNetTrainer_LabeledOnly]
+_SSNET = [nnUNetTrainerSSNet, nnUNetTrainerSSNet_FullRampup, nnUNetTrainer_LabeledOnly]
 __all__ += [c.__name__ for c in _SSNET]
 __all__ += define_epoch_variants(_SSNET, globals())
 

@@ -171,6 +171,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         self.ssnet_consistency = 1.0 if three_d else 0.1  # c of w(t)
         self.ssnet_rampup_length = 40 if three_d else 200  # T of w(t), in units of ssnet_rampup_step
         self.ssnet_rampup_step = 150  # iterations per ramp-up unit
+        self.ssnet_rampup_fraction: float | None = None  # if set: ramp over this share of all iterations
         self.ssnet_vat_xi = 10.0  # ξ: size of the probe perturbation
         self.ssnet_vat_eps = 10.0 if three_d else 6.0  # ε: size of the adversarial perturbation
         self.ssnet_cs_weight = 0.1  # λ_cs
@@ -199,6 +200,9 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             smallest = 2 if "memory" in name else 1
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < smallest:
                 raise ValueError(f"{name} must be a positive integer (memory size >= 2), got {value!r}")
+        fr = self.ssnet_rampup_fraction
+        if fr is not None and (isinstance(fr, bool) or not isinstance(fr, (int, float)) or not 0 < fr <= 1):
+            raise ValueError(f"ssnet_rampup_fraction must be None or in (0, 1], got {fr!r}")
         mp = self.ssnet_cs_max_pixels
         if mp is not None and (isinstance(mp, bool) or not isinstance(mp, (int, np.integer)) or mp < 2):
             raise ValueError(f"ssnet_cs_max_pixels must be None or an integer >= 2, got {mp!r}")
@@ -281,7 +285,8 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         self.print_to_log_file(
             f"SS-Net: batch {n_l} labelled + {self.batch_size - n_l} unlabelled patches; w(t) = "
             f"{self.ssnet_consistency} * exp(-5 (1 - min(t, T)/T)^2) with T = {self.ssnet_rampup_length}, "
-            f"t = iteration // {self.ssnet_rampup_step}; VAT xi={self.ssnet_vat_xi}, eps={self.ssnet_vat_eps}; "
+            f"t = iteration // {self.ssnet_rampup_step_iterations()}; "
+            f"VAT xi={self.ssnet_vat_xi}, eps={self.ssnet_vat_eps}; "
             f"L_cs weight {self.ssnet_cs_weight}, heads {self.ssnet_head_dim}-d, memory {self.ssnet_memory_size} "
             f"per class; training cases: {len(tr_lab)} labelled, {len(tr_unl)} unlabelled",
             also_print_to_console=True,
@@ -302,9 +307,19 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         """Global iteration index (derived from the epoch, so a resumed run continues the schedule)."""
         return int(self.current_epoch) * int(self.num_iterations_per_epoch) + self._ssnet_step
 
+    def ssnet_rampup_step_iterations(self) -> int:
+        """Iterations per ramp-up unit: ``ssnet_rampup_step``, or derived from ``ssnet_rampup_fraction``."""
+        if self.ssnet_rampup_fraction is None or self.ssnet_rampup_length == 0:
+            return int(self.ssnet_rampup_step)
+        total = int(self.num_epochs) * int(self.num_iterations_per_epoch)
+        return max(1, round(float(self.ssnet_rampup_fraction) * total / float(self.ssnet_rampup_length)))
+
     def ssnet_weight(self) -> float:
         return sigmoid_rampup_weight(
-            self.ssnet_iteration(), self.ssnet_consistency, self.ssnet_rampup_length, int(self.ssnet_rampup_step)
+            self.ssnet_iteration(),
+            self.ssnet_consistency,
+            self.ssnet_rampup_length,
+            self.ssnet_rampup_step_iterations(),
         )
 
     def _subsample(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -464,3 +479,23 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             )
         self.ssnet_heads.load_state_dict(state["heads"])
         self.ssnet_memory.load_state_dict(state["memory"], device=self.device)
+
+
+class nnUNetTrainerSSNet_FullRampup(nnUNetTrainerSSNet):
+    """SS-Net whose ramp-up spans the whole run, whatever its length.
+
+    The reference 2D schedule ramps over its entire training (200 units x 150 = 30 000 iterations);
+    with nnU-Net's 250 000 iterations the default ramp-up ends after 12 % of training, and in a short
+    run (a few hundred iterations) it never leaves ``w ≈ c·e⁻⁵``. Here the unit is scaled to the run.
+    """
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ssnet_rampup_fraction = 1.0
