@@ -11,7 +11,7 @@ import importlib
 import sys
 
 #: sub-command modules, in the order ``--help`` lists them
-TOOLS = ("demo", "compare", "doctor", "export_stock", "add_unlabeled")
+TOOLS = ("demo", "compare", "doctor", "export_stock", "add_unlabeled", "analyze")
 
 
 class UserError(Exception):
