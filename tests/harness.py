@@ -58,6 +58,7 @@ class NNUNetEnv:
             nnUNet_def_n_proc="2",
             nnUNet_n_proc_DA="2",
             OMP_NUM_THREADS="2",
+            OMP_WAIT_POLICY="PASSIVE",
             PYTHONUNBUFFERED="1",
         )
         env.update(extra)

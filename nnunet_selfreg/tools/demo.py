@@ -140,6 +140,9 @@ def _env(folders: Folders, budget: tuple[int, int, int]) -> dict[str, str]:
     env.update({b.ENV_EPOCHS: str(budget[0]), b.ENV_ITERATIONS: str(budget[1]), b.ENV_VAL_ITERATIONS: str(budget[2])})
     if (os.cpu_count() or 1) <= 4:
         env.setdefault("nnUNet_def_n_proc", "2")
+        # torch's OpenMP threads wait passively: spinning threads starve the data-augmentation workers
+        # on a small CPU (many small operations became tens of times slower on a busy 2-core machine)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
