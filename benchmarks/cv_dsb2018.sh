@@ -6,7 +6,8 @@
 #   bash benchmarks/cv_dsb2018.sh [WORKDIR] [extra `nnunet-selfreg demo` options]
 #
 # Budget: 10 epochs x 40 iterations (batch size and patch from nnU-Net's plans: 2 x 112x112), 5 folds,
-# 4 trainers = 20 trainings; about 75-90 minutes on a 2-core CPU. On a GPU, scale it up, e.g.
+# 4 trainers = 20 trainings; 3-4 min each on a quiet 2-core CPU (12-13 s per epoch), 1-1.3 h in all
+# (docs/results.md). On a GPU, scale it up, e.g.
 #   bash benchmarks/cv_dsb2018.sh cv_gpu --epochs 100 --iterations 250 --device cuda
 # Trained folds are reused on a re-run with the same budget; results are never overwritten.
 set -euo pipefail
