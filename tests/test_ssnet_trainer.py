@@ -110,6 +110,11 @@ def test_labeled_only_splits_and_refusals(in_process, semisup2d, ds2d):
         make_trainer(in_process, ds2d).do_split()
     with pytest.raises(ValueError, match="ssnet_labeled_fraction"):
         make_trainer(in_process, semisup2d, ssnet_labeled_fraction=1.0).initialize()
+    with pytest.raises(ValueError, match="ssnet_batch_size_factor"):
+        make_trainer(in_process, semisup2d, ssnet_batch_size_factor=0.5).initialize()
+    doubled = make_trainer(in_process, semisup2d, ssnet_batch_size_factor=2.0)
+    doubled.initialize()  # nnU-Net's batch of 2 labelled patches plus 2 unlabelled ones
+    assert doubled.batch_size == 4 and doubled.ssnet_num_labeled == 2
     with pytest.raises(SemiSupervisedDataError, match="fold 7 is not in"):
         make_trainer(in_process, semisup2d, fold=7).do_split()
 

@@ -168,6 +168,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         three_d = len(self.configuration_manager.patch_size) == 3
         self.ssnet_labeled_fraction = 0.5  # labelled share of each batch (1:1 as in the reference)
+        self.ssnet_batch_size_factor = 1.0  # patches per step = factor x nnU-Net's batch size (memory grows)
         self.ssnet_consistency = 1.0 if three_d else 0.1  # c of w(t)
         self.ssnet_rampup_length = 40 if three_d else 200  # T of w(t), in units of ssnet_rampup_step
         self.ssnet_rampup_step = 150  # iterations per ramp-up unit
@@ -192,6 +193,9 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
     def _check_hyperparameters(self) -> None:
         for name in ("ssnet_consistency", "ssnet_vat_xi", "ssnet_vat_eps", "ssnet_cs_weight", "ssnet_rampup_length"):
             setattr(self, name, validate_weight(getattr(self, name), name))
+        factor = self.ssnet_batch_size_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor <= 16.0:
+            raise ValueError(f"ssnet_batch_size_factor must be a number in [1, 16], got {factor!r}")
         frac = float(self.ssnet_labeled_fraction)
         if not 0.0 < frac < 1.0:
             raise ValueError(f"ssnet_labeled_fraction must lie strictly between 0 and 1, got {frac}")
@@ -211,6 +215,8 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         self._check_hyperparameters()
         install_extended_logger(self.logger, _LOG_LABELS, f"{self.__class__.__name__} terms")
         super().initialize()
+        # the loaders are built later (on_train_start) with self.batch_size
+        self.batch_size = max(1, round(int(self.batch_size) * float(self.ssnet_batch_size_factor)))
         batch = int(self.batch_size)
         if batch < 2:
             raise ValueError(
