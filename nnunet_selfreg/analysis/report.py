@@ -7,13 +7,11 @@ folder is replaced only when asked to.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_selfreg import outputs
 from nnunet_selfreg.evaluation.report import to_json
 
 #: (key in a stage's record, title, y label, file name)
@@ -33,34 +31,19 @@ GRADCAM_FIGURE = "gradcam.png"
 
 def check_output_folder(folder: Path, overwrite: bool) -> None:
     """Refuse an existing non-empty output folder unless ``overwrite`` (raises ``FileExistsError``)."""
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"output {folder} exists and is not a folder: choose another -o")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {folder} already exists: pass --overwrite to replace it, or use -o")
+    outputs.check_output_folder(folder, overwrite, FileExistsError)
 
 
 def write_outputs(results: dict, displays: dict[str, dict], folder: Path, overwrite: bool = False) -> list[Path]:
     """Write the figures, ``results.json`` and ``report.md`` into ``folder`` (replaced as a whole)."""
     check_output_folder(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         results["figures"] = make_figures(results, displays, tmp)
         (tmp / "results.json").write_text(to_json(results))
         (tmp / "report.md").write_text(render_markdown(results))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    outputs.write_folder_atomically(folder, fill)
     return [folder / "report.md", folder / "results.json", *(folder / f for f in results["figures"])]
 
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_selfreg import outputs
 from nnunet_selfreg.evaluation.results import CompareInputError, Comparison
 from nnunet_selfreg.evaluation.stats import (
     FOREGROUND,
@@ -427,40 +425,17 @@ def make_figures(r: dict, folder: Path) -> list[str]:
 
 def check_output_folder(folder: Path, overwrite: bool) -> None:
     """Refuse to replace an existing, non-empty output folder unless ``overwrite``."""
-    if folder.exists() and not folder.is_dir():
-        raise CompareInputError(f"output {folder} exists and is not a folder: choose another -o")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise CompareInputError(f"output folder {folder} already exists: pass --overwrite to replace it, or use -o")
+    outputs.check_output_folder(folder, overwrite, CompareInputError)
 
 
 def write_outputs(results: dict, folder: Path, overwrite: bool = False) -> list[Path]:
     """Write figures, ``results.json`` and ``report.md`` into ``folder`` (atomically replaced)."""
     check_output_folder(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         results["figures"] = make_figures(results, tmp)
         (tmp / "results.json").write_text(to_json(results))
         (tmp / "report.md").write_text(render_markdown(results))
-        os.chmod(tmp, 0o777 & ~_umask())
-        _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    outputs.write_folder_atomically(folder, fill)
     return [folder / "report.md", folder / "results.json", *(folder / f for f in results["figures"])]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    if not folder.exists():
-        tmp.rename(folder)
-        return
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old)

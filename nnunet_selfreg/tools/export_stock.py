@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.tools.main import UserError
 
 STOCK_TRAINER = "nnUNetTrainer"
@@ -214,22 +215,11 @@ class StockNetworkCheck:
         return True
 
 
-def _write_atomically(dest: Path, write) -> None:
-    """``write(temporary_path)``, then move it to ``dest`` (same folder, so the move is atomic)."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _copy(src: Path, dest: Path, output: Path) -> None:
     if not _inside(output, dest):  # cannot happen with names from os.scandir; kept as a guard
         raise UserError(f"refusing to write {dest} outside {output}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(dest, lambda tmp: shutil.copy2(src, tmp))
+    write_file_atomically(dest, lambda tmp: shutil.copy2(src, tmp))
 
 
 def _other_files(model: Path, handled: set[Path]) -> tuple[list[Path], list[Path]]:
@@ -282,7 +272,7 @@ def export_stock(model: Path, output: Path, copy_all: bool = False, verbose: boo
             if not _inside(output, dest):
                 raise UserError(f"refusing to write {dest} outside {output}")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(dest, lambda tmp, c=converted: torch.save(c, tmp))
+            write_file_atomically(dest, lambda tmp, c=converted: torch.save(c, tmp))
             written.append(rel)
             say(
                 f"  {rel}: trainer_name {original['trainer_name']} -> {STOCK_TRAINER}, epoch "

@@ -9,13 +9,11 @@ case joins every training fold (see :func:`semi_supervised_keys`).
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
@@ -31,6 +29,7 @@ from nnunet_selfreg.data.semisupervised import (
 from nnunet_selfreg.losses.class_separation import ClassSeparationHeads, PrototypeMemory, class_separation_loss
 from nnunet_selfreg.losses.schedule import sigmoid_rampup_weight
 from nnunet_selfreg.losses.vat import adversarial_direction, frozen_batchnorm_stats, soft_dice_distance
+from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.taps import StageOutputTap, finest_decoder_stage, unwrap_network
 from nnunet_selfreg.trainers.progress import install_extended_logger
 from nnunet_selfreg.trainers.selfreg import epoch_seed, validate_weight
@@ -45,14 +44,6 @@ _LOG_LABELS = {
     "ssnet_weight": "w(t)",
 }
 CHECKPOINT_KEY = "ssnet"
-
-
-def _save_json_atomically(obj: Any, path: str) -> None:
-    from batchgenerators.utilities.file_and_folder_operations import save_json
-
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_json(obj, tmp)
-    os.replace(tmp, path)
 
 
 def average_gradients(parameters) -> None:
@@ -115,7 +106,7 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
     else:
         splits = semi_supervised_splits(labeled, sorted(unl))
         if trainer.local_rank == 0:
-            _save_json_atomically(splits, splits_file)
+            write_file_atomically(splits_file, lambda tmp: save_json(splits, str(tmp)))
         trainer.print_to_log_file(
             f"Created semi-supervised 5-fold splits ({len(labeled)} labelled cases folded, {len(unl)} unlabelled "
             f"cases in every training fold): {splits_file}"
@@ -467,9 +458,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         # nnU-Net's save_checkpoint has no hook for extra state: add ours to the file it wrote
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
         checkpoint[CHECKPOINT_KEY] = self.ssnet_state()
-        tmp = f"{filename}.tmp{os.getpid()}"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        write_file_atomically(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
