@@ -7,12 +7,12 @@ environment variables so that one trainer name can be resumed with ``--c`` for m
 
 import os
 
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.trainers import nnUNetTrainerSelfReg
 from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet
 from nnunet_selfreg.trainers.ssnet import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet
+from nnunet_selfreg.trainers.variants import derive_trainer
 
 
 def _tiny_budget(trainer) -> None:
@@ -22,70 +22,25 @@ def _tiny_budget(trainer) -> None:
     trainer.save_every = 1
 
 
-class nnUNetTrainerSelfRegTiny(nnUNetTrainerSelfReg):
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _tiny_budget(self)
+def _m2snet_tiny(trainer) -> None:
+    _tiny_budget(trainer)
+    trainer.lossnet_input_size = 64  # VGG-16 on 64x64 instead of 224x224: CPU test budget
 
 
-class nnUNetTrainerTiny(nnUNetTrainer):
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _tiny_budget(self)
+def _ssnet_tiny(trainer) -> None:
+    _tiny_budget(trainer)
+    # reach the full weight quickly so that every term matters within a few iterations
+    trainer.ssnet_rampup_step = 1
+    trainer.ssnet_rampup_length = 4
 
 
-class nnUNetTrainerM2SNetTiny(nnUNetTrainerM2SNet):
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _tiny_budget(self)
-        self.lossnet_input_size = 64  # VGG-16 on 64x64 instead of 224x224: CPU test budget
-
-
-class nnUNetTrainerSSNetTiny(nnUNetTrainerSSNet):
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _tiny_budget(self)
-        # reach the full weight quickly so that every term matters within a few iterations
-        self.ssnet_rampup_step = 1
-        self.ssnet_rampup_length = 4
-
-
-class nnUNetTrainer_LabeledOnlyTiny(nnUNetTrainer_LabeledOnly):
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _tiny_budget(self)
+# each is a one-line subclass of the named trainer whose __init__ keeps nnU-Net's signature
+for _base, _name, _configure in (
+    (nnUNetTrainerSelfReg, "nnUNetTrainerSelfRegTiny", _tiny_budget),
+    (nnUNetTrainer, "nnUNetTrainerTiny", _tiny_budget),
+    (nnUNetTrainerM2SNet, "nnUNetTrainerM2SNetTiny", _m2snet_tiny),
+    (nnUNetTrainerSSNet, "nnUNetTrainerSSNetTiny", _ssnet_tiny),
+    (nnUNetTrainer_LabeledOnly, "nnUNetTrainer_LabeledOnlyTiny", _tiny_budget),
+):
+    globals()[_name] = derive_trainer(_base, _name, _configure, __name__, f"{_base.__name__} with a tiny test budget.")
+del _base, _name, _configure
