@@ -37,7 +37,7 @@ def ds3d(nnenv: NNUNetEnv) -> int:
 
 @pytest.fixture(scope="session")
 def semisup2d(nnenv: NNUNetEnv, tmp_path_factory) -> int:
-    """10 labelled + 6 unlabelled synthetic 64x64 cases (``scan00`` … ``scan05``), preprocessed for 2d."""
+    """10 labelled + 6 unlabelled synthetic 64x64 cases (``scan00`` … ``scan05``), checked and preprocessed for 2d."""
     from nnunet_selfreg.data.semisupervised import build_semi_supervised_dataset
     from nnunet_selfreg.data.synthetic import make_synthetic_dataset
 
@@ -49,7 +49,7 @@ def semisup2d(nnenv: NNUNetEnv, tmp_path_factory) -> int:
     for i, image in enumerate(sorted((extra / "imagesTr").glob("*.png"))):
         shutil.copy(image, unlabeled / f"scan{i:02d}_0000.png")
     build_semi_supervised_dataset(source, unlabeled, nnenv.raw, DS_SEMISUP)
-    nnenv.plan_and_preprocess(DS_SEMISUP, ("2d",))
+    nnenv.plan_and_preprocess(DS_SEMISUP, ("2d",), "--verify_dataset_integrity")
     return DS_SEMISUP
 
 

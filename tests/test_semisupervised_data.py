@@ -28,7 +28,6 @@ from nnunet_selfreg.data.semisupervised import (
 )
 from nnunet_selfreg.data.synthetic import make_synthetic_dataset
 from nnunet_selfreg.tools.main import main
-from tests.harness import NNUNetEnv
 
 SRC_ID = 11
 SHAPE_2D = (48, 48)
@@ -374,16 +373,12 @@ def test_cli(src2d: Path, raw: Path, tmp_path: Path, cli_env: Path, capsys, monk
 # --------------------------------------------------------------------------- nnU-Net's own preprocessing
 
 
-def test_nnunet_plans_and_preprocesses_built_dataset(tmp_path: Path):
-    env = NNUNetEnv(tmp_path / "nn")
-    src = env.make_dataset(41, dim=2, num_cases=6, shape=SHAPE_2D, seed=5)
-    unl = _unlabeled_pngs(tmp_path / "unl", [f"u{i}.png" for i in range(4)])
-    target = build_semi_supervised_dataset(src, unl, env.raw, 42)
-    env.plan_and_preprocess(42, ("2d",), "--verify_dataset_integrity")
-
-    pre = env.preprocessed / target.name
+def test_nnunet_plans_and_preprocesses_built_dataset(nnenv, semisup2d):
+    """The session's semi-supervised dataset passed ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity``."""
+    pre = next(nnenv.preprocessed.glob(f"Dataset{semisup2d}_*"))
     ds = json.loads((pre / "dataset.json").read_text())
-    assert unlabeled_cases(ds) == ["u0", "u1", "u2", "u3"] and ignore_label_value(ds) == 3
-    cases = {f"case_{i:03d}" for i in range(6)} | {"u0", "u1", "u2", "u3"}
+    unlabeled = [f"scan{i:02d}" for i in range(6)]
+    assert unlabeled_cases(ds) == unlabeled and ignore_label_value(ds) == 3
+    cases = {f"case_{i:03d}" for i in range(10)} | set(unlabeled)
     assert {p.stem for p in (pre / "nnUNetPlans_2d").glob("*.pkl")} == cases
-    assert (pre / "nnUNetPlans_2d" / "u0_seg.b2nd").is_file()
+    assert (pre / "nnUNetPlans_2d" / "scan00_seg.b2nd").is_file()
