@@ -18,6 +18,8 @@ compiled call are not traced into the graph.
 
 from __future__ import annotations
 
+import weakref
+
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -29,6 +31,10 @@ SUPPORTED_ARCHITECTURES = (
 
 class UnsupportedArchitectureError(TypeError):
     """The network is not one of the U-Nets whose stages we know how to tap."""
+
+
+class IncompleteFeaturesError(RuntimeError):
+    """A training-mode forward left some tapped stages without an output (the regulariser would be skipped)."""
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -90,6 +96,7 @@ class UNetFeatureTaps:
         self._decoder: dict[int, Tensor] = {}
         self.num_encoder_stages = 0
         self.num_decoder_stages = 0
+        self._network: weakref.ref[nn.Module] | None = None
 
     @property
     def attached(self) -> bool:
@@ -100,6 +107,7 @@ class UNetFeatureTaps:
         if self.attached:
             return
         net = check_tappable(network, min_channels=min_channels)
+        self._network = weakref.ref(net)
         self.num_encoder_stages = len(net.encoder.stages)
         self.num_decoder_stages = len(net.decoder.stages)
         for i, stage in enumerate(net.encoder.stages):
@@ -120,22 +128,39 @@ class UNetFeatureTaps:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._network = None
         self.clear()
 
     def clear(self) -> None:
         self._encoder.clear()
         self._decoder.clear()
 
-    def pop(self) -> tuple[list[Tensor], list[Tensor]] | None:
+    def pop(self, require: bool = False) -> tuple[list[Tensor], list[Tensor]] | None:
         """Hand over ``([e_1 … e_S], [d_1 … d_{S-1}])`` from the last captured forward and forget them.
 
         Returns None if no complete set was captured (no training-mode forward since the last pop, or
-        no forward at all with ``capture_eval=True``).
+        no forward at all with ``capture_eval=True``). With ``require=True`` an incomplete set while
+        the tapped network is in training mode raises :class:`IncompleteFeaturesError` instead: the
+        caller is a training step whose regulariser must not be skipped silently (e.g. a subclass
+        put one stage in evaluation mode, or a custom forward bypassed a stage).
         """
         enc, dec = self._encoder, self._decoder
         complete = len(enc) == self.num_encoder_stages and len(dec) == self.num_decoder_stages and enc
         result = ([enc[i] for i in sorted(enc)], [dec[j] for j in sorted(dec)]) if complete else None
+        missing_enc = sorted(set(range(self.num_encoder_stages)) - set(enc))
+        missing_dec = sorted(set(range(self.num_decoder_stages)) - set(dec))
         self.clear()
+        if result is None and require and self.attached:
+            net = self._network() if self._network is not None else None
+            if net is not None and net.training:
+                raise IncompleteFeaturesError(
+                    "the network is in training mode but its forward left tapped stages without an output "
+                    f"(missing encoder.stages {missing_enc}, decoder.stages {missing_dec}), so the feature "
+                    "regulariser cannot be computed. A stage in evaluation mode stores nothing: do not call "
+                    ".eval() on parts of the network during training (freeze parameters with "
+                    "requires_grad_(False) instead), and do not bypass encoder/decoder stages in a custom "
+                    "forward. If the loss was called twice for one forward, call the network again first."
+                )
         return result
 
     def __del__(self) -> None:  # pragma: no cover - best effort

@@ -99,8 +99,12 @@ def test_fewer_than_two_channels_rejected_clearly():
     with pytest.raises(ValueError, match="at least 2"):
         internal_feature_distillation_loss(torch.randn(1, 1, 4, 4))
     reg = SelfRegRegularizer()
+    with pytest.raises(ValueError, match="encoder stage 1 output has 1 channel"):
+        reg([torch.randn(1, 4, 4, 4), torch.randn(1, 1, 4, 4)], [torch.randn(1, 4, 4, 4)])
+    # e_1 is not a student by default: a 1-channel e_1 is fine, unless it is tapped too
+    reg([torch.randn(1, 1, 4, 4), torch.randn(1, 2, 2, 2)], [torch.randn(1, 4, 4, 4)])
     with pytest.raises(ValueError, match="encoder stage 0 output has 1 channel"):
-        reg([torch.randn(1, 1, 4, 4)], [torch.randn(1, 4, 4, 4)])
+        SelfRegRegularizer(include_first_encoder=True)([torch.randn(1, 1, 4, 4)], [torch.randn(1, 4, 4, 4)])
 
 
 def test_bad_shapes_rejected():
@@ -112,24 +116,56 @@ def test_bad_shapes_rejected():
         internal_feature_distillation_loss(torch.ones(1, 2, 2, 2, dtype=torch.int64))
 
 
-def test_regularizer_total_matches_its_terms():
+@pytest.mark.parametrize("include_first_encoder", [False, True])
+def test_regularizer_total_matches_its_terms(include_first_encoder):
     torch.manual_seed(0)
     enc = [torch.randn(2, 4, 16, 16), torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
     dec = [torch.randn(2, 8, 8, 8), torch.randn(2, 4, 16, 16)]
-    out = SelfRegRegularizer()(enc, dec, generator=torch.Generator().manual_seed(3))
-    ifd_enc = sum(internal_feature_distillation_loss(f) for f in enc) / 3
-    ifd_dec = internal_feature_distillation_loss(dec[0])  # F_final itself is not distilled
+    reg = SelfRegRegularizer(include_first_encoder=include_first_encoder)
+    out = reg(enc, dec, generator=torch.Generator().manual_seed(3))
+    # students: e_2, e_3 (+ e_1 if included) and d_1; F_final = d_2 is the teacher, never a student
+    enc_students = enc if include_first_encoder else enc[1:]
+    ifd_enc = sum(internal_feature_distillation_loss(f) for f in enc_students) / len(enc_students)
+    ifd_dec = internal_feature_distillation_loss(dec[0])
     assert out["ifd_enc"].item() == pytest.approx(ifd_enc.item(), rel=1e-6)
     assert out["ifd_dec"].item() == pytest.approx(ifd_dec.item(), rel=1e-6)
-    # SCR: 4 pairs (e1, e2, e3, d1) against F_final, channel draws in the same order
+    # SCR: (S-1)+(S-2) = 3 pairs (4 with e_1) against F_final, channel draws in the same order
     g = torch.Generator().manual_seed(3)
-    scr = sum(semantic_consistency_loss(f, dec[-1], generator=g) for f in [*enc, dec[0]]) / 4
+    students = [*enc_students, dec[0]]
+    scr = sum(semantic_consistency_loss(f, dec[-1], generator=g) for f in students) / len(students)
     assert out["scr"].item() == pytest.approx(scr.item(), rel=1e-6)
     assert out["total"].item() == pytest.approx((ifd_enc + ifd_dec + scr).item(), rel=1e-6)
     only_scr = SelfRegRegularizer(use_ifd=False)(enc, dec)
     assert only_scr["ifd_enc"].item() == only_scr["ifd_dec"].item() == 0.0
     with pytest.raises(ValueError):
         SelfRegRegularizer(use_scr=False, use_ifd=False)
+
+
+def test_first_encoder_map_is_ignored_by_default():
+    # changing e_1 changes nothing unless it is tapped (the authors' code regularises e_2 .. e_S only)
+    torch.manual_seed(0)
+    enc = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+    dec = [torch.randn(1, 4, 8, 8)]
+    other = [enc[0] * 5 + 1, enc[1]]
+    a = SelfRegRegularizer()(enc, dec, generator=torch.Generator().manual_seed(0))
+    b = SelfRegRegularizer()(other, dec, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a["total"], b["total"])
+    c = SelfRegRegularizer(include_first_encoder=True)(enc, dec, generator=torch.Generator().manual_seed(0))
+    d = SelfRegRegularizer(include_first_encoder=True)(other, dec, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(c["total"], d["total"])
+
+
+def test_scr_explicit_indices_and_their_validation():
+    student = torch.arange(8.0).reshape(1, 2, 2, 2)
+    teacher = torch.zeros(1, 3, 2, 2)
+    teacher[0, 2] = 1.0
+    # pairs (s0, t2), (s1, t0): ((0..3 - 1)^2 + (4..7)^2) / 8
+    expected = (sum((v - 1) ** 2 for v in range(4)) + sum(v**2 for v in range(4, 8))) / 8
+    assert semantic_consistency_loss(student, teacher, indices=([0, 1], [2, 0])).item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="distinct channel indices"):
+        semantic_consistency_loss(student, teacher, indices=([0, 0], [2, 0]))
+    with pytest.raises(ValueError, match="distinct channel indices"):
+        semantic_consistency_loss(student, teacher, indices=([0, 1], [2, 3]))
 
 
 @pytest.mark.parametrize("scale", [1e3, 1e4])

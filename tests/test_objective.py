@@ -107,3 +107,39 @@ def test_nonfinite_regulariser_is_skipped_and_counted():
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     means, steps = loss_fn.pop_epoch_means()
     assert steps == 1 and means["nonfinite_steps"] == 1
+
+
+def test_training_forward_with_a_stage_in_eval_mode_fails_loudly():
+    # a subclass that puts one stage in evaluation mode would otherwise train with no regulariser
+    from nnunet_selfreg.taps import IncompleteFeaturesError
+
+    net = build("plain2d").train()
+    taps = UNetFeatureTaps()
+    taps.attach(net)
+    loss_fn = RegularisedSegLoss(nnunet_loss(3), taps, SelfRegRegularizer(), 0.015)
+    net.encoder.stages[1].eval()
+    out = net(batch("plain2d"))
+    with pytest.raises(IncompleteFeaturesError, match=r"missing encoder.stages \[1\].*evaluation mode"):
+        loss_fn(out, targets_for(out))
+    # calling the loss a second time for one training forward is refused too (no maps left)
+    net.train()
+    out = net(batch("plain2d"))
+    loss_fn(out, targets_for(out))
+    with pytest.raises(IncompleteFeaturesError, match="training mode"):
+        loss_fn(out, targets_for(out))
+
+
+def test_per_term_weights():
+    net = build("plain2d").train()
+    taps = UNetFeatureTaps()
+    taps.attach(net)
+    weights = {"scr": 0.02, "ifd_enc": 0.005, "ifd_dec": 0.005}
+    loss_fn = RegularisedSegLoss(nnunet_loss(3), taps, SelfRegRegularizer(), weights)
+    out = net(batch("plain2d"))
+    tgt = targets_for(out)
+    loss = loss_fn(out, tgt)
+    means, _ = loss_fn.pop_epoch_means()
+    seg = nnunet_loss(3)(out, tgt)
+    expected = seg + 0.02 * means["scr"] + 0.005 * (means["ifd_enc"] + means["ifd_dec"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert means["reg_weighted"] == pytest.approx((loss - seg).item(), rel=1e-5)

@@ -10,7 +10,12 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.taps import UnsupportedArchitectureError
-from nnunet_selfreg.trainers import nnUNetTrainerSelfReg, nnUNetTrainerSelfReg_SCROnly
+from nnunet_selfreg.trainers import (
+    nnUNetTrainerSelfReg,
+    nnUNetTrainerSelfReg_IFDOnly,
+    nnUNetTrainerSelfReg_RelativeLambda,
+    nnUNetTrainerSelfReg_SCROnly,
+)
 
 
 def make_trainer(env, dataset_id: int, cls=nnUNetTrainerSelfReg, fold: int = 1, **attrs):
@@ -100,3 +105,71 @@ def test_scr_only_logs_its_own_curves(single_process_da, ds2d):
     t.initialize()
     keys = t.logger.local_logger.extra_keys
     assert "selfreg_scr" in keys and "selfreg_ifd_enc" not in keys
+
+
+def _one_step_inputs(t):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t.num_input_channels, *t.configuration_manager.patch_size, generator=g)
+    t.network.train()
+    with torch.no_grad():
+        shapes = [o.shape for o in t.network(x)]
+    t.selfreg_taps.clear()
+    n = t.label_manager.num_segmentation_heads
+    target = [torch.randint(0, n, (s[0], 1, *s[2:]), generator=g).float() for s in shapes]
+    return x, target
+
+
+@pytest.mark.parametrize(
+    ("cls", "attrs", "use", "lam"),
+    [
+        (nnUNetTrainerSelfReg, {}, (True, True), (0.015, 0.015)),
+        (nnUNetTrainerSelfReg_SCROnly, {}, (True, False), (0.015, 0.0)),
+        (nnUNetTrainerSelfReg_IFDOnly, {}, (False, True), (0.0, 0.015)),
+        (nnUNetTrainerSelfReg_RelativeLambda, {}, (True, True), (0.03, 0.03)),
+        (nnUNetTrainerSelfReg, {"selfreg_lambda_scr": 0.02, "selfreg_lambda_ifd": 0.004}, (True, True), (0.02, 0.004)),
+        (nnUNetTrainerSelfReg, {"selfreg_ifd_detach_first_half": True}, (True, True), (0.015, 0.015)),
+        (nnUNetTrainerSelfReg, {"selfreg_tap_first_encoder": True}, (True, True), (0.015, 0.015)),
+    ],
+)
+def test_variants_and_options_reach_the_loss(single_process_da, ds2d, cls, attrs, use, lam):
+    t = make_trainer(single_process_da, ds2d, cls=cls, fold=3, **attrs)
+    t.initialize()
+    t.selfreg_taps.attach(t.network)
+    reg = t.loss.regularizer
+    assert (reg.use_scr, reg.use_ifd) == use
+    assert reg.detach_first_half == attrs.get("selfreg_ifd_detach_first_half", False)
+    assert reg.include_first_encoder == attrs.get("selfreg_tap_first_encoder", False)
+    x, target = _one_step_inputs(t)
+    state = t.loss.generator.get_state()
+    loss = t.loss(t.network(x), target)
+    # the same step computed independently: nnU-Net's loss + λ_SCR·SCR + λ_IFD·(IFD_enc + IFD_dec)
+    from nnunet_selfreg.losses import SelfRegRegularizer
+
+    out = t.network(x)
+    enc, dec = t.selfreg_taps.pop()
+    g = torch.Generator().manual_seed(0)
+    g.set_state(state)
+    terms = SelfRegRegularizer(*use, include_first_encoder=attrs.get("selfreg_tap_first_encoder", False))(
+        enc, dec, generator=g
+    )
+    expected = t.loss.seg_loss(out, target) + lam[0] * terms["scr"] + lam[1] * (terms["ifd_enc"] + terms["ifd_dec"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    t.selfreg_taps.detach()
+
+
+class _FrozenStageTrainer(nnUNetTrainerSelfReg):
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.network.encoder.stages[1].eval()  # a common way to "freeze" a stage; it would silence the taps
+
+
+def test_stage_in_eval_mode_stops_training_with_a_clear_error(single_process_da, ds2d):
+    from nnunet_selfreg.taps import IncompleteFeaturesError
+
+    t = make_trainer(single_process_da, ds2d, cls=_FrozenStageTrainer, fold=4)
+    t.on_train_start()
+    t.on_epoch_start()
+    t.on_train_epoch_start()
+    with pytest.raises(IncompleteFeaturesError, match="requires_grad_"):
+        t.train_step(next(t.dataloader_train))
+    t.on_train_end()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -33,11 +33,14 @@ class _GradientGate(torch.autograd.Function):
 
 
 class RegularisedSegLoss(nn.Module):
-    """``L = L_seg(output, target) + λ · L_reg(taps)``, a drop-in for nnU-Net's ``self.loss``.
+    """``L = L_seg(output, target) + Σ_term λ_term · term(taps)``, a drop-in for nnU-Net's ``self.loss``.
 
-    ``seg_loss`` is nnU-Net's own loss (Dice+CE with deep supervision), called unchanged. The
-    regulariser runs only when the taps hold a training-mode forward's features, so validation
-    losses are the plain segmentation loss, as in the baseline. Per-term sums are accumulated on the
+    ``seg_loss`` is nnU-Net's own loss (Dice+CE with deep supervision), called unchanged. ``weight``
+    is one λ for the regulariser's ``total``, or a mapping ``{term: λ_term}`` over its terms (e.g.
+    separate weights for SCR and IFD). The regulariser runs only when the taps hold a training-mode
+    forward's features, so validation losses are the plain segmentation loss, as in the baseline; a
+    training-mode forward whose taps are incomplete raises (the regulariser is never skipped
+    silently). Per-term sums are accumulated on the
     device (no host sync per step) and read once per epoch with :meth:`pop_epoch_means`. A
     non-finite ``L_reg`` is dropped for that step (it contributes 0 and no gradient) and counted.
     """
@@ -47,31 +50,35 @@ class RegularisedSegLoss(nn.Module):
         seg_loss: nn.Module | Callable[[object, object], Tensor],
         taps: UNetFeatureTaps,
         regularizer: SelfRegRegularizer,
-        weight: float,
+        weight: float | Mapping[str, float],
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.seg_loss = seg_loss
         self.taps = taps
         self.regularizer = regularizer
-        self.weight = float(weight)
+        self.weight: float | dict[str, float] = (
+            {k: float(v) for k, v in weight.items()} if isinstance(weight, Mapping) else float(weight)
+        )
         self.generator = generator
         self._sums: Tensor | None = None
         self._steps = 0
 
     def forward(self, output, target) -> Tensor:
         seg = self.seg_loss(output, target)
-        feats = self.taps.pop()
+        feats = self.taps.pop(require=True)
         if feats is None:
             return seg
         gate = torch.ones((), dtype=torch.bool, device=seg.device)
         enc, dec = ([_GradientGate.apply(f, gate) for f in group] for group in feats)
         terms = self.regularizer(enc, dec, generator=self.generator)
-        reg = terms["total"]
+        if isinstance(self.weight, dict):
+            reg = sum(w * terms[k] for k, w in self.weight.items())
+        else:
+            reg = self.weight * terms["total"]
         finite = torch.isfinite(reg)
         gate.copy_(finite)
-        reg = torch.where(finite, reg, torch.zeros_like(reg))
-        weighted = self.weight * reg
+        weighted = torch.where(finite, reg, torch.zeros_like(reg))
         stats = torch.stack(
             [
                 torch.where(finite, terms["scr"], torch.zeros_like(reg)).detach(),

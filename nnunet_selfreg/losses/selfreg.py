@@ -1,9 +1,10 @@
 """SelfReg-UNet regularisers (Zhu et al., "SelfReg-UNet: Self-Regularized UNet for Medical Image
 Segmentation", MICCAI 2024, arXiv:2406.14896), N-dimensional.
 
-Notation follows ``shared/methods.md``: encoder stage outputs ``e_1 … e_S``, decoder stage outputs
-``d_1 … d_{S-1}`` (coarsest to finest), ``F_final = d_{S-1}``. Feature maps are ``(B, C, *spatial)``
-with 2 or 3 spatial axes. Every term is computed in float32, also under autocast (the squared
+Notation (docs/method.md): encoder stage outputs ``e_1 … e_S``, decoder stage outputs
+``d_1 … d_{S-1}`` (coarsest to finest), ``F_final = d_{S-1}``. As in the authors' code, the students
+are ``e_2 … e_S`` and ``d_1 … d_{S-2}``: the first, full-resolution encoder stage is not tapped.
+Feature maps are ``(B, C, *spatial)`` with 2 or 3 spatial axes. Every term is computed in float32, also under autocast (the squared
 differences of large float16 activations overflow).
 
 Both terms are mean squared errors between gathered channels. They are computed by small autograd
@@ -168,6 +169,7 @@ def semantic_consistency_loss(
     student: Tensor,
     teacher: Tensor,
     generator: torch.Generator | None = None,
+    indices: tuple[Sequence[int] | Tensor, Sequence[int] | Tensor] | None = None,
 ) -> Tensor:
     """Semantic consistency regularisation (SCR) for one (student, teacher) pair.
 
@@ -178,6 +180,7 @@ def semantic_consistency_loss(
 
         SCR(f, t) = 1 / (B k |Ω|) · Σ_b Σ_i Σ_x ( f[b, I_s(i), x] − t[b, I_t(i), x] )²
 
+    ``indices=(I_s, I_t)`` replaces the draw (e.g. to reproduce another implementation's draws).
     Gradient reaches the student only. Computed in float32.
     """
     _check_feature_map(student, "student")
@@ -189,12 +192,29 @@ def semantic_consistency_loss(
         )
     with torch.autocast(device_type=student.device.type, enabled=False):
         target = tuple(min(x, y) for x, y in zip(student.shape[2:], teacher.shape[2:], strict=True))
-        return _scr_aligned(_pool_float(student, target), _pool_float(teacher.detach(), target), generator)
+        return _scr_aligned(_pool_float(student, target), _pool_float(teacher.detach(), target), generator, indices)
 
 
-def _scr_aligned(s: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
+def _channel_indices(value: Sequence[int] | Tensor, k: int, channels: int, name: str, device: torch.device) -> Tensor:
+    """Given channel indices as a long tensor on ``device``: ``k`` distinct values in ``[0, channels)``."""
+    idx = torch.as_tensor(value, dtype=torch.long, device=device).flatten()
+    if idx.numel() != k or idx.unique().numel() != k or (idx.numel() and (idx.min() < 0 or idx.max() >= channels)):
+        raise ValueError(f"{name} must hold k = {k} distinct channel indices in [0, {channels}), got {value!r}")
+    return idx
+
+
+def _scr_aligned(
+    s: Tensor,
+    t: Tensor,
+    generator: torch.Generator | None,
+    indices: tuple[Sequence[int] | Tensor, Sequence[int] | Tensor] | None = None,
+) -> Tensor:
     """SCR of a student and a detached teacher of the same spatial size (any float dtypes)."""
     k = min(s.shape[1], t.shape[1])
+    if indices is not None:
+        idx_s = _channel_indices(indices[0], k, s.shape[1], "student indices", s.device)
+        idx_t = _channel_indices(indices[1], k, t.shape[1], "teacher indices", t.device)
+        return _SCRLoss.apply(s, idx_s, t, idx_t)
     perm_s = _random_permutation(s.shape[1], generator, s.device)
     perm_t = _random_permutation(t.shape[1], generator, t.device)
     return _SCRLoss.apply(s, perm_s[:k], t, perm_t[:k])
@@ -247,27 +267,40 @@ class SelfRegRegularizer(nn.Module):
 
     ``forward(encoder_features, decoder_features)`` takes ``[e_1 … e_S]`` and ``[d_1 … d_{S-1}]``
     (coarsest decoder stage first, so ``decoder_features[-1] = F_final``) and returns a dict of
-    scalar float32 tensors ``scr``, ``ifd_enc``, ``ifd_dec`` and ``total``::
+    scalar float32 tensors ``scr``, ``ifd_enc``, ``ifd_dec`` and ``total``. As in the authors' code
+    the first, full-resolution encoder map ``e_1`` is not a student (``include_first_encoder=True``
+    makes it one)::
 
-        L_reg = mean_{f ∈ e_1..e_S} IFD(f) + mean_{f ∈ d_1..d_{S-2}} IFD(f)
-              + mean_{f ∈ e_1..e_S, d_1..d_{S-2}} SCR(f, F_final)
+        L_reg = mean_{f ∈ e_2..e_S} IFD(f) + mean_{f ∈ d_1..d_{S-2}} IFD(f)
+              + mean_{f ∈ e_2..e_S, d_1..d_{S-2}} SCR(f, F_final)
 
-    Disabled terms are zero. The detached, pooled teacher is computed once per distinct target
-    size, from the smallest already pooled map that the target size divides exactly (block
-    averages of block averages: the same values as pooling ``F_final`` directly, up to rounding).
-    The module has no parameters or buffers.
+    i.e. SCR averages over (S-1)+(S-2) pairs and the encoder IFD over S-1 maps. Disabled terms are
+    zero. The detached, pooled teacher is computed once per distinct target size, from the smallest
+    already pooled map that the target size divides exactly (block averages of block averages: the
+    same values as pooling ``F_final`` directly, up to rounding). The module has no parameters or
+    buffers.
     """
 
-    def __init__(self, use_scr: bool = True, use_ifd: bool = True, detach_first_half: bool = False) -> None:
+    def __init__(
+        self,
+        use_scr: bool = True,
+        use_ifd: bool = True,
+        detach_first_half: bool = False,
+        include_first_encoder: bool = False,
+    ) -> None:
         super().__init__()
         if not (use_scr or use_ifd):
             raise ValueError("SelfRegRegularizer needs at least one of use_scr / use_ifd")
         self.use_scr = use_scr
         self.use_ifd = use_ifd
         self.detach_first_half = detach_first_half
+        self.include_first_encoder = include_first_encoder
 
     def extra_repr(self) -> str:
-        return f"use_scr={self.use_scr}, use_ifd={self.use_ifd}, detach_first_half={self.detach_first_half}"
+        return (
+            f"use_scr={self.use_scr}, use_ifd={self.use_ifd}, detach_first_half={self.detach_first_half}, "
+            f"include_first_encoder={self.include_first_encoder}"
+        )
 
     @staticmethod
     def _pooled_teachers(teacher: Tensor, targets: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], Tensor]:
@@ -287,34 +320,46 @@ class SelfRegRegularizer(nn.Module):
                 pooled[target] = _pool(t_float, target)
         return pooled
 
+    def students(
+        self, encoder_features: Sequence[Tensor], decoder_features: Sequence[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The encoder and decoder maps that are regularised (all but ``e_1`` and ``F_final`` by default)."""
+        return list(encoder_features[0 if self.include_first_encoder else 1 :]), list(decoder_features[:-1])
+
     def forward(
         self,
         encoder_features: Sequence[Tensor],
         decoder_features: Sequence[Tensor],
         generator: torch.Generator | None = None,
+        scr_indices: Sequence[tuple[Sequence[int] | Tensor, Sequence[int] | Tensor]] | None = None,
     ) -> dict[str, Tensor]:
-        if len(encoder_features) < 1 or len(decoder_features) < 1:
+        """``scr_indices``: one ``(I_s, I_t)`` per SCR pair (students in order ``e…, d…``) instead of draws."""
+        first = 0 if self.include_first_encoder else 1
+        if len(encoder_features) < first + 1 or len(decoder_features) < 1:
             raise ValueError(
-                f"need at least one encoder and one decoder feature map, got {len(encoder_features)} "
+                f"need at least {first + 1} encoder and one decoder feature map, got {len(encoder_features)} "
                 f"and {len(decoder_features)}"
             )
-        for i, f in enumerate(encoder_features):
-            _check_feature_map(f, f"encoder stage {i} output", min_channels=2 if self.use_ifd else 1)
-        for i, f in enumerate(decoder_features):
-            _check_feature_map(f, f"decoder stage {i} output", min_channels=2 if self.use_ifd else 1)
+        enc_students, dec_students = self.students(encoder_features, decoder_features)
+        min_channels = 2 if self.use_ifd else 1
+        for i, f in enumerate(enc_students, start=first):
+            _check_feature_map(f, f"encoder stage {i} output", min_channels=min_channels)
+        for i, f in enumerate(dec_students):
+            _check_feature_map(f, f"decoder stage {i} output", min_channels=min_channels)
         teacher = decoder_features[-1]
-        students = [*encoder_features, *decoder_features[:-1]]
+        _check_feature_map(teacher, "F_final (last decoder stage output)")
+        students = [*enc_students, *dec_students]
+        if scr_indices is not None and len(scr_indices) != len(students):
+            raise ValueError(f"scr_indices needs one (I_s, I_t) per student ({len(students)}), got {len(scr_indices)}")
         zero = teacher.new_zeros((), dtype=torch.float32)
         out = {"scr": zero, "ifd_enc": zero, "ifd_dec": zero}
         with torch.autocast(device_type=teacher.device.type, enabled=False):
             if self.use_ifd:
                 out["ifd_enc"] = _mean(
-                    [internal_feature_distillation_loss(f, self.detach_first_half) for f in encoder_features],
-                    teacher,
+                    [internal_feature_distillation_loss(f, self.detach_first_half) for f in enc_students], teacher
                 )
                 out["ifd_dec"] = _mean(
-                    [internal_feature_distillation_loss(f, self.detach_first_half) for f in decoder_features[:-1]],
-                    teacher,
+                    [internal_feature_distillation_loss(f, self.detach_first_half) for f in dec_students], teacher
                 )
             if self.use_scr and students:
                 targets = []
@@ -326,9 +371,10 @@ class SelfRegRegularizer(nn.Module):
                         )
                     targets.append(tuple(min(a, b) for a, b in zip(f.shape[2:], teacher.shape[2:], strict=True)))
                 pooled = self._pooled_teachers(teacher, targets)
+                draws = scr_indices if scr_indices is not None else [None] * len(students)
                 pair_losses = [
-                    _scr_aligned(_pool_float(f, target), pooled[target], generator)
-                    for f, target in zip(students, targets, strict=True)
+                    _scr_aligned(_pool_float(f, target), pooled[target], generator, idx)
+                    for f, target, idx in zip(students, targets, draws, strict=True)
                 ]
                 out["scr"] = _mean(pair_losses, teacher)
         out["total"] = out["scr"] + out["ifd_enc"] + out["ifd_dec"]

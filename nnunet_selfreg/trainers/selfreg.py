@@ -39,11 +39,12 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
 
 
 class nnUNetTrainerSelfReg(nnUNetTrainer):
-    """nnU-Net with SelfReg-UNet (Zhu et al., MICCAI 2024): ``L = L_seg + λ (IFD_enc + IFD_dec + SCR)``.
+    """nnU-Net with SelfReg-UNet (Zhu et al., MICCAI 2024): ``L = L_seg + λ_IFD (IFD_enc + IFD_dec) + λ_SCR SCR``.
 
     ``L_seg`` is nnU-Net's Dice+CE with deep supervision, unchanged. The network is nnU-Net's own
     (PlainConvUNet or ResidualEncoderUNet); forward hooks tap its stage outputs during training only,
-    so checkpoints and inference are plain nnU-Net.
+    so checkpoints and inference are plain nnU-Net. As in the authors' code the students are
+    ``e_2 … e_S`` and ``d_1 … d_{S-2}`` and the teacher is ``d_{S-1}`` (docs/method.md).
     """
 
     def __init__(
@@ -55,10 +56,16 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.selfreg_lambda = 0.015  # λ for the CNN U-Net (paper, reference code)
+        self.selfreg_lambda = 0.015  # λ for the CNN U-Net (paper text; the reference's Synapse U-Net script)
+        self.selfreg_lambda_scr: float | None = None  # separate λ for SCR (None: selfreg_lambda)
+        self.selfreg_lambda_ifd: float | None = None  # separate λ for IFD_enc + IFD_dec (None: selfreg_lambda)
+        # True: multiply the λs by nnU-Net's weight_ce + weight_dice (2), so that SelfReg weighs as much
+        # relative to L_seg as in the reference, whose L_seg is a convex mix of CE and Dice (weights sum to 1)
+        self.selfreg_lambda_relative_to_seg = False
         self.selfreg_use_scr = True  # semantic consistency regularisation
         self.selfreg_use_ifd = True  # internal feature distillation
         self.selfreg_ifd_detach_first_half = False  # reference: gradient into both halves
+        self.selfreg_tap_first_encoder = False  # reference: e_1 (full resolution) is not a student
         self.selfreg_seed = 12345  # seeds the channel sampling of SCR (with the fold and the epoch)
         self.selfreg_taps = UNetFeatureTaps()
 
@@ -73,22 +80,69 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
 
     def initialize(self):
         self.selfreg_lambda = validate_weight(self.selfreg_lambda, "selfreg_lambda")
+        for name in ("selfreg_lambda_scr", "selfreg_lambda_ifd"):
+            if getattr(self, name) is not None:
+                setattr(self, name, validate_weight(getattr(self, name), name))
         if not (self.selfreg_use_scr or self.selfreg_use_ifd):
             raise ValueError("selfreg_use_scr and selfreg_use_ifd are both False: use the stock nnUNetTrainer")
         install_extended_logger(self.logger, self._selfreg_log_keys(), f"{self.__class__.__name__} regularisers")
         super().initialize()
 
+    def _selfreg_min_channels(self) -> int:
+        return 2 if self.selfreg_use_ifd else 1
+
+    def _check_selfreg_network(self):
+        """The unwrapped network if SelfReg can tap it (IFD needs >= 2 channels in every student stage)."""
+        net = check_tappable(self.network, min_channels=1)
+        first = 0 if self.selfreg_tap_first_encoder else 1
+        for i, c in enumerate(net.encoder.output_channels[first:], start=first):
+            if c < self._selfreg_min_channels():
+                raise ValueError(
+                    f"encoder stage {i} has {c} feature channel(s); SelfReg's internal feature distillation "
+                    "needs at least 2. Raise 'features_per_stage' in the plans (every stage needs >= 2) or use "
+                    "nnUNetTrainerSelfReg_SCROnly."
+                )
+        return net
+
+    @staticmethod
+    def _seg_loss_weight_sum(seg_loss) -> float:
+        """``weight_ce + weight_dice`` of nnU-Net's (deep-supervision wrapped) compound loss."""
+        inner = getattr(seg_loss, "loss", seg_loss)
+        if not (hasattr(inner, "weight_ce") and hasattr(inner, "weight_dice")):
+            raise TypeError(
+                f"selfreg_lambda_relative_to_seg needs nnU-Net's DC_and_CE_loss (weight_ce, weight_dice), but "
+                f"_build_loss returned {type(inner).__name__}; set the λs directly instead"
+            )
+        return float(inner.weight_ce) + float(inner.weight_dice)
+
+    def selfreg_term_weights(self, seg_loss=None) -> dict[str, float]:
+        """The effective λ of each regulariser term (0 for a disabled term)."""
+        scale = self._seg_loss_weight_sum(seg_loss) if self.selfreg_lambda_relative_to_seg else 1.0
+        lam_scr = self.selfreg_lambda if self.selfreg_lambda_scr is None else self.selfreg_lambda_scr
+        lam_ifd = self.selfreg_lambda if self.selfreg_lambda_ifd is None else self.selfreg_lambda_ifd
+        return {
+            "scr": scale * lam_scr if self.selfreg_use_scr else 0.0,
+            "ifd_enc": scale * lam_ifd if self.selfreg_use_ifd else 0.0,
+            "ifd_dec": scale * lam_ifd if self.selfreg_use_ifd else 0.0,
+        }
+
     def _build_loss(self):
         # called by nnUNetTrainer.initialize right after the network is built, before any data is
         # loaded: the place for an early, clear error about the architecture
-        check_tappable(self.network, min_channels=2 if self.selfreg_use_ifd else 1)
+        self._check_selfreg_network()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(self.selfreg_seed) + int(self.fold if isinstance(self.fold, int) else 0))
+        seg_loss = super()._build_loss()
         return RegularisedSegLoss(
-            super()._build_loss(),
+            seg_loss,
             self.selfreg_taps,
-            SelfRegRegularizer(self.selfreg_use_scr, self.selfreg_use_ifd, self.selfreg_ifd_detach_first_half),
-            self.selfreg_lambda,
+            SelfRegRegularizer(
+                self.selfreg_use_scr,
+                self.selfreg_use_ifd,
+                self.selfreg_ifd_detach_first_half,
+                include_first_encoder=self.selfreg_tap_first_encoder,
+            ),
+            self.selfreg_term_weights(seg_loss),
             generator,
         )
 
@@ -96,14 +150,18 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()
         # before the first forward, so that a torch.compile-d network traces the hooks
-        self.selfreg_taps.attach(self.network, min_channels=2 if self.selfreg_use_ifd else 1)
-        net = check_tappable(self.network, 1)
+        self.selfreg_taps.attach(self.network, min_channels=1)
+        net = self._check_selfreg_network()
+        first = 0 if self.selfreg_tap_first_encoder else 1
+        weights = self.loss.weight if isinstance(self.loss, RegularisedSegLoss) else {}
         self.print_to_log_file(
-            f"SelfReg: lambda={self.selfreg_lambda}, SCR={'on' if self.selfreg_use_scr else 'off'}, "
-            f"IFD={'on' if self.selfreg_use_ifd else 'off'} (detach first half: "
-            f"{self.selfreg_ifd_detach_first_half}); tapping {self.selfreg_taps.num_encoder_stages} encoder "
-            f"stages {list(net.encoder.output_channels)} channels and {self.selfreg_taps.num_decoder_stages} "
-            "decoder stages; teacher F_final = last decoder stage",
+            f"SelfReg: lambda={self.selfreg_lambda} -> effective weights {weights}"
+            f"{' (x weight_ce + weight_dice)' if self.selfreg_lambda_relative_to_seg else ''}, "
+            f"SCR={'on' if self.selfreg_use_scr else 'off'}, IFD={'on' if self.selfreg_use_ifd else 'off'} "
+            f"(detach first half: {self.selfreg_ifd_detach_first_half}); students: encoder stages "
+            f"e_{first + 1}..e_{len(net.encoder.stages)} {list(net.encoder.output_channels[first:])} channels and "
+            f"decoder stages d_1..d_{len(net.decoder.stages) - 1}; teacher F_final = d_{len(net.decoder.stages)} "
+            "(last decoder stage)",
             also_print_to_console=True,
         )
         super().on_train_start()
@@ -169,6 +227,25 @@ class nnUNetTrainerSelfReg_SCROnly(nnUNetTrainerSelfReg):
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.selfreg_use_ifd = False
+
+
+class nnUNetTrainerSelfReg_RelativeLambda(nnUNetTrainerSelfReg):
+    """λ relative to ``L_seg`` as in the reference: λ · (weight_ce + weight_dice), i.e. 0.03 with nnU-Net's 1 + 1.
+
+    The reference's segmentation loss is a convex mix of CE and Dice (0.3/0.7 on ACDC, 0.4/0.6 on
+    Synapse); nnU-Net's is CE + Dice, so the same λ weighs SelfReg half as much relative to ``L_seg``.
+    """
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.selfreg_lambda_relative_to_seg = True
 
 
 class nnUNetTrainerSelfReg_IFDOnly(nnUNetTrainerSelfReg):
