@@ -255,6 +255,114 @@ def _difference_section(r: dict) -> list[str]:
     return lines + _table(["model", "metric", "label", *_DIFF_HEADER], rows)
 
 
+def _equivalence_word(e: dict) -> str:
+    return "equivalent" if e["equivalent"] else "not shown"
+
+
+def _p_adj(d: dict) -> str:
+    return _p(d.get("p_adjusted"))
+
+
+def _effects_section(r: dict) -> list[str]:
+    d = r["differences"]
+    corr = d.get("correction", {"method": "none", "family_size": 0})
+    lines = [
+        "### Effect sizes and corrected p-values (pooled over folds)",
+        "",
+        f"p ({corr['method']}): the Wilcoxon p-values corrected for the {corr['family_size']} pooled "
+        "comparisons of this report (models x metrics); per-fold and per-label p-values above are not "
+        "corrected. HL: Hodges-Lehmann shift (median of the Walsh averages of the paired differences) with "
+        "its distribution-free 95% interval; r: matched-pairs rank-biserial correlation (sign of "
+        "other - baseline); better / tie / worse: cases where the other model is better, equal, worse.",
+        "",
+    ]
+    rows = []
+    for m, per in d["pooled"].items():
+        for metric, v in per.items():
+            hl = "NaN" if v.get("hl_estimate") is None else _f(v["hl_estimate"])
+            ci = "" if v.get("hl_ci_low") is None else f" [{_f(v['hl_ci_low'])}, {_f(v['hl_ci_high'])}]"
+            rows.append(
+                [
+                    f"`{m}`",
+                    metric,
+                    _f(v["mean_difference"]),
+                    _p(v["p_value"]),
+                    _p_adj(v),
+                    hl + ci,
+                    _f(v.get("rank_biserial"), 2),
+                    f"{v.get('better', 0)} / {v.get('ties', 0)} / {v.get('worse', 0)}",
+                ]
+            )
+    header = ["model", "metric", "difference", "p", f"p ({corr['method']})", "HL [95% CI]", "r", "better/tie/worse"]
+    lines += _table(header, rows)
+    eq = [(m, per["Dice"]["equivalence"]) for m, per in d["pooled"].items() if "equivalence" in per.get("Dice", {})]
+    if eq:
+        margin = eq[0][1]["margin"]
+        lines += [
+            f"### Equivalence within ±{margin:g} Dice",
+            "",
+            "Paired two one-sided Wilcoxon signed-rank tests (TOST) of the per-case Dice differences against "
+            f"-{margin:g} and +{margin:g}; *equivalent* when both reject at alpha = 0.05, else *not shown* "
+            "(which is not evidence of a difference).",
+            "",
+        ]
+        rows = [
+            [
+                f"`{m}`",
+                _p(e["p_lower"]),
+                _p(e["p_upper"]),
+                _p(e["p_value"]),
+                "equivalent" if e["equivalent"] else "not shown",
+            ]
+            for m, e in eq
+        ]
+        lines += _table(["model", "p (> -margin)", "p (< +margin)", "TOST p", "result"], rows)
+    floor = d.get("noise_floor", {})
+    lines += ["### Run-to-run noise floor (A/A)", ""]
+    if floor.get("runs"):
+        runs = ", ".join(f"`{x}`" for x in floor["runs"])
+        lines += [
+            f"The baseline was trained more than once ({runs} repeat `{d['baseline']}` with the same command). "
+            "nnU-Net training is not deterministic: the difference between two runs of the *same* trainer is "
+            "the floor below which a method difference cannot be told apart from training noise.",
+            "",
+        ]
+        rows = []
+        for metric, v in floor["per_metric"].items():
+            diffs = ", ".join(_f(x) for x in v["mean_differences"])
+            ps = ", ".join(_p(x) for x in v["p_values"])
+            rows.append([metric, diffs, ps, _f(v["floor"])])
+        lines += _table(["metric", "A/A difference(s)", "A/A Wilcoxon p", "floor (max |A/A|)"], rows)
+    else:
+        lines += [
+            "Not measured: the baseline was trained once. Train it again under another name (e.g. "
+            "`nnUNetTrainer_Rep2`, or `nnunet-selfreg demo --repeats 2`) and add it to `-tr`; until then, "
+            "a single run per model cannot separate a method effect from run-to-run noise.",
+            "",
+        ]
+    return lines
+
+
+def _stability_section(r: dict) -> list[str]:
+    st = r.get("rank_stability") or {}
+    if not st.get("rank_counts"):
+        return []
+    k = len(st["models"])
+    rows = [[f"`{m}`", _f(st["full_ranks"][m], 1), *[str(c) for c in st["rank_counts"][m]]] for m in st["models"]]
+    tau = st["tau"]
+    return [
+        "### Ranking stability",
+        "",
+        f"The {st['n_cases']} cases were resampled with replacement {st['n_boot']} times (seed {st['seed']}) and "
+        "the models ranked by mean foreground Dice on each resample. Columns: how often each model took each "
+        "rank. Kendall's tau between the full-data ranking and the bootstrap rankings: median "
+        f"{_f(tau['median'], 3)} (2.5-97.5%: {_f(tau['p2.5'], 3)} to {_f(tau['p97.5'], 3)}); 1 means the ranking "
+        "never changes.",
+        "",
+        *_table(["model", "rank (all cases)", *[f"rank {i}" for i in range(1, k + 1)]], rows),
+    ]
+
+
 def _ranking_section(r: dict) -> list[str]:
     rows = [
         [str(x["position"]), f"`{x['model']}`", _f(x["pooled_Dice"]), _f(x["mean_case_rank"], 2)] for x in r["ranking"]
@@ -310,7 +418,7 @@ def render_markdown(r: dict) -> str:
     models = [m["name"] for m in r["setup"]["models"]]
     lines = [f"# nnU-Net comparison: {' vs '.join(models)}", ""]
     lines += _setup_section(r) + _pooled_section(r) + _fold_section(r) + _difference_section(r)
-    lines += _ranking_section(r) + _exclusion_section(r)
+    lines += _effects_section(r) + _ranking_section(r) + _stability_section(r) + _exclusion_section(r)
     if r["notes"]:
         lines += ["## Notes", "", *[f"- {n}" for n in r["notes"]], ""]
     if r.get("figures"):
@@ -403,6 +511,26 @@ def _fold_figure(r: dict, plt, path: Path) -> None:
     plt.close(fig)
 
 
+def _blob_figure(r: dict, plt, path: Path) -> None:
+    """challengeR-style blob plot: each model's bootstrap rank distribution (area = frequency)."""
+    st = r["rank_stability"]
+    models, k = st["models"], len(st["models"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * k, 3.6))
+    for x, m in enumerate(models):
+        counts = np.array(st["rank_counts"][m], dtype=float)
+        share = counts / max(counts.sum(), 1)
+        ax.scatter([x] * k, np.arange(1, k + 1), s=share * 900, alpha=0.6, color="C0")
+        ax.scatter([x], [st["full_ranks"][m]], marker="x", color="k", zorder=3)
+    ax.set_xticks(range(k), [m.replace("nnUNetTrainer", "") or "nnUNetTrainer" for m in models], rotation=20)
+    ax.set_yticks(range(1, k + 1))
+    ax.invert_yaxis()
+    ax.set_ylabel("rank (1 = best)")
+    ax.set_title(f"Rank stability: {st['n_boot']} bootstrap samples of the cases (x: all cases)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def make_figures(r: dict, folder: Path) -> list[str]:
     """PNG figures in ``folder``; returns their file names."""
     import matplotlib
@@ -417,6 +545,9 @@ def make_figures(r: dict, folder: Path) -> list[str]:
         _box_figure(r, plt, metric, folder / names[-1])
     names.append("folds.png")
     _fold_figure(r, plt, folder / names[-1])
+    if (r.get("rank_stability") or {}).get("rank_counts"):
+        names.append("rank_stability.png")
+        _blob_figure(r, plt, folder / names[-1])
     return names
 
 

@@ -1,13 +1,16 @@
-"""Aggregates (nnU-Net's means), paired differences (bootstrap CI, Wilcoxon) and rankings."""
+"""Aggregates (nnU-Net's means), paired differences (bootstrap CI, Wilcoxon, effect sizes) and rankings."""
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats
+
+from nnunet_selfreg.evaluation import effects
 
 #: metric -> True when larger values are better
 HIGHER_IS_BETTER = {"Dice": True, "IoU": True, "HD95": False, "NSD": True}
@@ -55,6 +58,13 @@ class PairedDifference:
     p_value: float
     n_nonzero: int
     note: str
+    hl_estimate: float = math.nan  # Hodges-Lehmann shift (median of Walsh averages)
+    hl_ci_low: float = math.nan
+    hl_ci_high: float = math.nan
+    rank_biserial: float = math.nan  # matched-pairs, sign of other - baseline
+    better: int = 0  # cases where other is better than the baseline (metric direction aware)
+    ties: int = 0
+    worse: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,8 +112,11 @@ def wilcoxon_test(diff: np.ndarray) -> tuple[float, float, int, str]:
     return float(res.statistic), float(res.pvalue), nonzero, ""
 
 
-def paired_difference(baseline: np.ndarray, other: np.ndarray, n_boot: int = 9999, seed: int = 0) -> PairedDifference:
-    """Mean paired difference ``other - baseline``, its bootstrap CI and the Wilcoxon signed-rank test."""
+def paired_difference(
+    baseline: np.ndarray, other: np.ndarray, n_boot: int = 9999, seed: int = 0, higher_is_better: bool = True
+) -> PairedDifference:
+    """Mean paired difference ``other - baseline``, its bootstrap CI, the Wilcoxon signed-rank test and
+    effect sizes (Hodges-Lehmann shift with its interval, rank-biserial correlation, better/tie/worse)."""
     baseline, other = np.asarray(baseline, dtype=float), np.asarray(other, dtype=float)
     ok = ~(np.isnan(baseline) | np.isnan(other))
     b, o = baseline[ok], other[ok]
@@ -114,6 +127,9 @@ def paired_difference(baseline: np.ndarray, other: np.ndarray, n_boot: int = 999
     low, high, method, ci_note = bootstrap_ci(b, o, n_boot, seed)
     statistic, p, nonzero, w_note = wilcoxon_test(o - b)
     note = "; ".join(x for x in (ci_note, w_note) if x)
+    hl, hl_low, hl_high = effects.hodges_lehmann(o - b)
+    up, tie, down = effects.win_tie_loss(o - b)
+    better, worse = (up, down) if higher_is_better else (down, up)
     return PairedDifference(
         n,
         excluded,
@@ -127,6 +143,13 @@ def paired_difference(baseline: np.ndarray, other: np.ndarray, n_boot: int = 999
         p,
         nonzero,
         note,
+        hl,
+        hl_low,
+        hl_high,
+        effects.rank_biserial(o - b),
+        better,
+        tie,
+        worse,
     )
 
 
@@ -175,9 +198,23 @@ def aggregates(table: Table, folds: np.ndarray, fold_ids: list[int]) -> dict:
     return out
 
 
-def differences(table: Table, folds: np.ndarray, fold_ids: list[int], n_boot: int, seed: int) -> dict:
+def repeat_of(model: str) -> str:
+    """The trainer a repeated run (``X_Rep2``, ``X_Rep3_Budget`` …) repeats; the name itself otherwise."""
+    return re.sub(r"_Rep\d+(?=_|$)", "", model)
+
+
+def differences(
+    table: Table,
+    folds: np.ndarray,
+    fold_ids: list[int],
+    n_boot: int,
+    seed: int,
+    correction: str = "holm",
+    margin: float | None = None,
+) -> dict:
     """Paired differences of every model against the first: foreground mean pooled and per fold,
-    and per label pooled."""
+    and per label pooled. The pooled comparisons (models x metrics) form the family whose p-values
+    are corrected (``p_adjusted``); with ``margin``, pooled Dice gets a paired equivalence test."""
     names = list(table)
     base = names[0]
     out: dict = {"baseline": base, "pooled": {}, "per_fold": {str(f): {} for f in fold_ids}, "per_label": {}}
@@ -186,16 +223,48 @@ def differences(table: Table, folds: np.ndarray, fold_ids: list[int], n_boot: in
         for f in fold_ids:
             out["per_fold"][str(f)][model] = {}
         for metric in table[model]:
+            higher = HIGHER_IS_BETTER[metric]
             b = case_foreground_mean(table[base][metric])
             o = case_foreground_mean(table[model][metric])
-            out["pooled"][model][metric] = paired_difference(b, o, n_boot, seed).as_dict()
+            out["pooled"][model][metric] = paired_difference(b, o, n_boot, seed, higher).as_dict()
+            if margin is not None and metric == "Dice":
+                ok = ~(np.isnan(b) | np.isnan(o))
+                out["pooled"][model][metric]["equivalence"] = effects.tost(o[ok] - b[ok], margin).as_dict()
             for f in fold_ids:
                 sel = folds == f
-                out["per_fold"][str(f)][model][metric] = paired_difference(b[sel], o[sel], n_boot, seed).as_dict()
+                out["per_fold"][str(f)][model][metric] = paired_difference(
+                    b[sel], o[sel], n_boot, seed, higher
+                ).as_dict()
             out["per_label"][model][metric] = {
-                label: paired_difference(table[base][metric][label], values, n_boot, seed).as_dict()
+                label: paired_difference(table[base][metric][label], values, n_boot, seed, higher).as_dict()
                 for label, values in table[model][metric].items()
             }
+    family = [(m, metric) for m, per in out["pooled"].items() for metric in per]
+    adjusted = effects.adjust_pvalues([out["pooled"][m][metric]["p_value"] for m, metric in family], correction)
+    for (m, metric), p in zip(family, adjusted, strict=True):
+        out["pooled"][m][metric]["p_adjusted"] = p
+    out["correction"] = {"method": correction, "family_size": len(family), "family": "pooled, models x metrics"}
+    out["noise_floor"] = noise_floor(out["pooled"], base)
+    return out
+
+
+def noise_floor(pooled: dict, baseline: str) -> dict:
+    """Run-to-run (A/A) differences: repeated runs of the baseline against the baseline, per metric.
+
+    ``floor`` is the largest absolute mean difference between two runs of the same trainer: a method
+    difference smaller than it cannot be told apart from training noise with these runs.
+    """
+    runs = [m for m in pooled if m != baseline and repeat_of(m) == repeat_of(baseline)]
+    out: dict = {"runs": runs, "per_metric": {}}
+    if not runs:
+        return out
+    for metric in pooled[runs[0]]:
+        diffs = [pooled[m][metric]["mean_difference"] for m in runs]
+        out["per_metric"][metric] = {
+            "mean_differences": diffs,
+            "floor": float(np.nanmax(np.abs(diffs))) if not np.all(np.isnan(diffs)) else math.nan,
+            "p_values": [pooled[m][metric]["p_value"] for m in runs],
+        }
     return out
 
 
@@ -211,11 +280,23 @@ def nan_counts(table: Table) -> dict:
     return out
 
 
-def analyse(table: Table, folds: np.ndarray, fold_ids: list[int], n_boot: int = 9999, seed: int = 0) -> dict:
-    """Everything the report shows: means, paired differences against the first model, ranking, NaN counts."""
+def analyse(
+    table: Table,
+    folds: np.ndarray,
+    fold_ids: list[int],
+    n_boot: int = 9999,
+    seed: int = 0,
+    correction: str = "holm",
+    margin: float | None = None,
+    rank_boot: int = 1000,
+) -> dict:
+    """Everything the report shows: means, paired differences against the first model, ranking and
+    its bootstrap stability, NaN counts."""
+    dice = {m: case_foreground_mean(table[m]["Dice"]) for m in table}
     return {
         "aggregates": aggregates(table, folds, fold_ids),
-        "differences": differences(table, folds, fold_ids, n_boot, seed),
+        "differences": differences(table, folds, fold_ids, n_boot, seed, correction, margin),
         "ranking": ranking(table, "Dice"),
+        "rank_stability": effects.rank_stability(dice, rank_boot, seed, higher_is_better=True),
         "nan_counts": nan_counts(table),
     }

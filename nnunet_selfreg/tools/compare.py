@@ -76,6 +76,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-surface", action="store_true", help="skip HD95/NSD (Dice and IoU only, fast)")
     p.add_argument(
+        "--correction",
+        choices=("holm", "bh", "none"),
+        default="holm",
+        help="multiple-comparison correction of the pooled p-values (default: holm)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        metavar="DICE",
+        help="equivalence margin: test whether each model is within +-DICE of the baseline (paired TOST)",
+    )
+    p.add_argument(
         "-np",
         dest="num_processes",
         type=_positive_int,
@@ -94,6 +107,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"folds must be 0 or more, got {args.folds}")
     if not math.isfinite(args.nsd_tolerance) or args.nsd_tolerance < 0:
         raise UserError(f"--nsd-tolerance must be a finite number of mm >= 0, got {args.nsd_tolerance}")
+    if args.margin is not None and not (math.isfinite(args.margin) and 0 < args.margin < 1):
+        raise UserError(f"--margin must be a Dice difference between 0 and 1 (e.g. 0.01), got {args.margin}")
     if args.n_boot < 100:
         raise UserError(f"--n-boot {args.n_boot} is too few resamples for a confidence interval (use >= 100)")
 
@@ -127,6 +142,8 @@ def command_line(args: argparse.Namespace, output: Path) -> str:
         "--nsd-tolerance",
         str(args.nsd_tolerance),
     ]
+    parts += ["--correction", args.correction]
+    parts += ["--margin", str(args.margin)] if args.margin is not None else []
     parts += ["--no-surface"] if args.no_surface else []
     parts += ["--overwrite"] if args.overwrite else []
     return shlex.join(parts)
@@ -195,8 +212,14 @@ def _print_summary(results: dict, output: Path) -> None:
         d = per["Dice"]
         print(
             f"  {model} - {results['differences']['baseline']}: Dice {d['mean_difference']:+.4f} "
-            f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], Wilcoxon p = {d['p_value']:.4g}"
+            f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], Wilcoxon p = {d['p_value']:.4g} "
+            f"({results['differences']['correction']['method']} {d['p_adjusted']:.4g})"
         )
+    floor = results["differences"]["noise_floor"]
+    if floor["runs"]:
+        print(f"  run-to-run (A/A) Dice floor: {floor['per_metric']['Dice']['floor']:.4f} ({', '.join(floor['runs'])})")
+    else:
+        print("  run-to-run (A/A) floor: not measured (the baseline was trained once)")
     print(f"report: {output / 'report.md'}")
 
 
@@ -214,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     surface, surface_info = surface_metrics(comparison, args)
     table = build_table(comparison, surface)
     folds = np.array([comparison.case_folds[c] for c in comparison.cases])
-    analysis = analyse(table, folds, comparison.folds, args.n_boot, args.seed)
+    analysis = analyse(table, folds, comparison.folds, args.n_boot, args.seed, args.correction, args.margin)
     settings = {
         "command": command_line(args, output),
         "surface": surface_info,
@@ -224,6 +247,9 @@ def _run(args: argparse.Namespace) -> int:
             "confidence_level": 0.95,
             "method": "BCa (percentile if BCa is undefined)",
             "wilcoxon": "two-sided, zero_method=wilcox",
+            "correction": args.correction,
+            "equivalence_margin": args.margin,
+            "rank_stability": "1000 bootstrap samples of the cases, models ranked by mean foreground Dice",
         },
     }
     results = build_results(comparison, table, analysis, emptiness(comparison), settings)
