@@ -63,3 +63,30 @@ def define_epoch_variants(bases: list[type[nnUNetTrainer]], namespace: dict) -> 
             namespace[cls.__name__] = cls
             names.append(cls.__name__)
     return names
+
+
+#: how many runs of one trainer ``define_repeat_variants`` makes available (the original + repeats)
+MAX_REPEATS = 3
+
+
+def repeat_suffix(k: int) -> str:
+    return f"_Rep{k}"
+
+
+def define_repeat_variants(bases: list[type[nnUNetTrainer]], namespace: dict) -> list[str]:
+    """``B_Rep2 … B_Rep{MAX_REPEATS}`` for each base: the same trainer under another name.
+
+    nnU-Net training is not deterministic, and a method's effect can only be read against the
+    difference between two runs of the *same* trainer (the run-to-run, A/A noise floor). nnU-Net
+    keeps one results folder per trainer name (``TRAINER__PLANS__CONFIG``), so a repeated run needs
+    its own name: ``nnUNetTrainer_Rep2`` trains exactly like ``nnUNetTrainer`` into its own folder.
+    """
+    names = []
+    for base in bases:
+        for k in range(2, MAX_REPEATS + 1):
+            name = base.__name__ + repeat_suffix(k)
+            doc = f"{base.__name__}, unchanged: run {k} of the same trainer, in its own results folder."
+            cls = derive_trainer(base, name, lambda trainer: None, namespace["__name__"], doc)
+            namespace[name] = cls
+            names.append(name)
+    return names
