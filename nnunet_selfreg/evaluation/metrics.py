@@ -1,4 +1,5 @@
-"""Surface metrics (HD95, normalised surface Dice) from prediction and reference files, computed by MONAI.
+"""Surface metrics (HD95, normalised surface Dice) from prediction and reference files, computed by MONAI,
+and the instance metrics of ``nnunet_selfreg.evaluation.instances`` in the same pass over the files.
 
 Images are read with nnU-Net's own reader/writer (the plans' ``image_reader_writer``), so the spacing is
 exactly the one nnU-Net uses. Conventions (as in MONAI and nnU-Net):
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nnunet_selfreg.evaluation.instances import connected_instances, instance_metrics
+
 SURFACE_METRICS = ("HD95", "NSD")
 
 #: case -> model name -> metric -> label key -> value
@@ -33,6 +36,8 @@ class SurfaceJob:
     labels: tuple[str, ...]
     reader: str
     tolerance_mm: float
+    surface: bool = True  # HD95 / NSD for every label
+    instance_label: str | None = None  # PQ / SQ / RQ / AJI of this label's connected components
 
 
 def squeeze_spatial(seg: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -93,8 +98,15 @@ def evaluate_case(job: SurfaceJob) -> tuple[str, dict[str, dict[str, dict[str, f
         pred_seg, _ = _read(reader, path)
         if pred_seg.shape != ref_seg.shape:
             raise ValueError(f"{path} has shape {pred_seg.shape}, its reference {ref_seg.shape}")
-        per_metric: dict[str, dict[str, float]] = {m: {} for m in SURFACE_METRICS}
-        for label in job.labels:
+        per_metric: dict[str, dict[str, float]] = {m: {} for m in SURFACE_METRICS} if job.surface else {}
+        if job.instance_label is not None:
+            region = key_to_label_or_region(job.instance_label)
+            values = instance_metrics(
+                connected_instances(region_or_label_to_mask(pred_seg, region)),
+                connected_instances(region_or_label_to_mask(ref_seg, region)),
+            )
+            per_metric.update({metric: {job.instance_label: value} for metric, value in values.items()})
+        for label in job.labels if job.surface else ():
             region = key_to_label_or_region(label)
             values = surface_metrics(
                 region_or_label_to_mask(pred_seg, region),

@@ -24,7 +24,7 @@ from nnunet_selfreg.evaluation.stats import (
     case_foreground_mean,
 )
 
-UNITS = {"Dice": "", "IoU": "", "HD95": " (mm)", "NSD": ""}
+UNITS = {"Dice": "", "IoU": "", "HD95": " (mm)", "NSD": "", "PQ": "", "SQ": "", "RQ": "", "AJI": ""}
 
 
 # --------------------------------------------------------------------------- results.json
@@ -153,11 +153,19 @@ def _setup_section(r: dict) -> list[str]:
         )
     else:
         lines.append(f"- HD95 and NSD: not computed ({surface['reason']})")
+    inst = surface.get("instances")
+    if inst:
+        lines.append(
+            f"- instance metrics of label {inst['label']} ({_label(r, inst['label'])}): objects are its connected "
+            f"components ({inst['connectivity']}); PQ, SQ and RQ (= F1 of the objects matched at IoU > 0.5) by "
+            "MONAI's `compute_panoptic_quality`, AJI (aggregated Jaccard index) as defined by Kumar et al.; "
+            "a case with no object in either map is NaN"
+        )
     lines += [
         f"- paired differences (other - baseline) over cases: mean, {stats_['confidence_level']:.0%} bootstrap CI "
         f"(`scipy.stats.bootstrap`, paired resampling of cases, {stats_['method']}, {stats_['n_resamples']} "
         f"resamples, seed {stats_['seed']}) and two-sided Wilcoxon signed-rank test (`scipy.stats.wilcoxon`, "
-        "zero differences dropped); p-values are not corrected for multiple comparisons",
+        f"zero differences dropped); pooled p-values also corrected ({stats_.get('correction', 'none')}) below",
         f"- nnU-Net {s['versions']['nnunetv2']}, scipy {s['versions']['scipy']}; created {r['created']}",
         "",
     ]
@@ -228,7 +236,8 @@ def _difference_section(r: dict) -> list[str]:
         "",
         "Per case, the metric is averaged over the labels defined for that case (NaN labels skipped); "
         "cases undefined for either model are excluded from the pair (column *excluded*). "
-        "Difference = other - baseline: positive is better for Dice, IoU and NSD, worse for HD95. "
+        "Difference = other - baseline: positive is better for Dice, IoU, NSD and the instance metrics, worse for "
+        "HD95. "
         f"†: fewer than {MIN_NONZERO_FOR_005} non-zero differences, so the exact two-sided Wilcoxon p "
         "cannot go below 0.05 whatever the data.",
         "",
@@ -463,7 +472,7 @@ def _paired_figure(r: dict, plt, path: Path) -> None:
 
 def _box_figure(r: dict, plt, metric: str, path: Path) -> None:
     models = [m["name"] for m in r["setup"]["models"]]
-    labels = list(r["labels"])
+    labels = [k for k in r["labels"] if k in r["cases"][0]["values"][models[0]][metric]]  # instance metrics: one
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels) * len(models)), 4.5))
     width = 0.8 / len(models)
     for j, model in enumerate(models):

@@ -595,7 +595,8 @@ def prediction_file(model: ModelResults, case: str) -> Path:
 
 def build_table(comparison: Comparison, surface: dict | None = None) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """model -> metric -> label -> per-case values (``cases`` order): Dice/IoU from summary.json, and
-    HD95/NSD from ``surface`` (case -> model -> metric -> label -> value) when given."""
+    the file-based metrics in ``surface`` (case -> model -> metric -> label -> value) when given:
+    HD95/NSD per label, instance metrics for their one label."""
     table: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for m in comparison.models:
         table[m.name] = {
@@ -603,10 +604,11 @@ def build_table(comparison: Comparison, surface: dict | None = None) -> dict[str
             for metric in ("Dice", "IoU")
         }
         if surface is not None:
-            for metric in ("HD95", "NSD"):
+            first = surface[comparison.cases[0]][m.name]
+            for metric, per_label in first.items():
                 table[m.name][metric] = {
                     label: np.array([surface[c][m.name][metric][label] for c in comparison.cases], dtype=float)
-                    for label in comparison.labels
+                    for label in per_label
                 }
     return table
 

@@ -13,7 +13,13 @@ from scipy import stats
 from nnunet_selfreg.evaluation import effects
 
 #: metric -> True when larger values are better
-HIGHER_IS_BETTER = {"Dice": True, "IoU": True, "HD95": False, "NSD": True}
+HIGHER_IS_BETTER = {
+    "Dice": True,
+    "IoU": True,
+    "HD95": False,
+    "NSD": True,
+    **{m: True for m in ("PQ", "SQ", "RQ", "AJI")},  # instance metrics
+}
 FOREGROUND = "foreground_mean"
 #: the exact two-sided Wilcoxon p is at least 2 / 2**n, i.e. >= 0.0625 for n <= 5 non-zero differences
 MIN_NONZERO_FOR_005 = 6
