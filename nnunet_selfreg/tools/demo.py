@@ -259,11 +259,32 @@ def _device(requested: str) -> str:
     return "cpu"
 
 
+def with_repeats(trainers: list[str], repeats: int) -> list[str]:
+    """``trainers`` with the baseline's repeated runs (``X_Rep2_Budget`` …) right after the baseline."""
+    if repeats == 1:
+        return trainers
+    from nnunet_selfreg import trainers as ours
+    from nnunet_selfreg.trainers.variants import MAX_REPEATS, repeat_suffix
+
+    if not 1 <= repeats <= MAX_REPEATS:
+        raise UserError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
+    base = trainers[0]
+    stem = base.removesuffix("_Budget")
+    names = [f"{stem}{repeat_suffix(k)}_Budget" for k in range(2, repeats + 1)]
+    missing = [n for n in names if not hasattr(ours, n)]
+    if missing:
+        raise UserError(
+            f"--repeats {repeats}: the baseline {base} has no repeat variants ({', '.join(missing)}); use "
+            "nnUNetTrainer_Budget or nnUNetTrainerSelfReg_Budget as the baseline"
+        )
+    return [base, *names, *trainers[1:]]
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     workdir = Path(args.workdir).resolve()
     budget = (args.epochs, args.iterations, args.val_iterations)
-    trainers = list(args.trainers)
+    trainers = with_repeats(list(args.trainers), args.repeats)
     if len(trainers) < 2:
         raise UserError("--trainers needs at least two trainers: the first is the baseline")
     fixed = [t for t in trainers if not t.endswith("_Budget")]
@@ -315,6 +336,9 @@ def run(args: argparse.Namespace) -> int:
             str(report),
             "-np",
             "2",
+            # nuclei are objects: F1 / PQ / AJI of the nucleus label's connected components
+            "--instances",
+            "1",
         ]
     )
     _say(f"done in {(time.time() - t0) / 60:.1f} min; report: {report / 'report.md'}")
@@ -358,6 +382,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(DEFAULT_TRAINERS),
         help="trainers to compare, baseline first (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=1,
+        help="train the baseline this many times (separate result folders, e.g. nnUNetTrainer_Rep2_Budget): "
+        "compare then reports the run-to-run (A/A) noise floor beside every method difference (default: 1)",
     )
     p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: first free >= 950)")
     p.add_argument(

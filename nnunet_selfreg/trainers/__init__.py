@@ -7,6 +7,7 @@ from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet, nnUNetTrainerM2S
 from nnunet_selfreg.trainers.selfreg import (
     nnUNetTrainerSelfReg,
     nnUNetTrainerSelfReg_IFDOnly,
+    nnUNetTrainerSelfReg_RelativeLambda,
     nnUNetTrainerSelfReg_SCROnly,
 )
 from nnunet_selfreg.trainers.ssnet import (
@@ -14,12 +15,16 @@ from nnunet_selfreg.trainers.ssnet import (
     nnUNetTrainerSSNet,
     nnUNetTrainerSSNet_FullRampup,
 )
-from nnunet_selfreg.trainers.variants import define_epoch_variants
+from nnunet_selfreg.trainers.variants import define_epoch_variants, define_repeat_variants
 
-__all__ = ["nnUNetTrainerSelfReg", "nnUNetTrainerSelfReg_IFDOnly", "nnUNetTrainerSelfReg_SCROnly"]
-__all__ += define_epoch_variants(
-    [nnUNetTrainerSelfReg, nnUNetTrainerSelfReg_SCROnly, nnUNetTrainerSelfReg_IFDOnly], globals()
-)
+_SELFREG = [
+    nnUNetTrainerSelfReg,
+    nnUNetTrainerSelfReg_SCROnly,
+    nnUNetTrainerSelfReg_IFDOnly,
+    nnUNetTrainerSelfReg_RelativeLambda,
+]
+__all__ = [c.__name__ for c in _SELFREG]
+__all__ += define_epoch_variants(_SELFREG, globals())
 _M2SNET = [nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet]
 __all__ += [c.__name__ for c in _M2SNET]
 __all__ += define_epoch_variants(_M2SNET, globals())
@@ -27,13 +32,16 @@ _SSNET = [nnUNetTrainerSSNet, nnUNetTrainerSSNet_FullRampup, nnUNetTrainer_Label
 __all__ += [c.__name__ for c in _SSNET]
 __all__ += define_epoch_variants(_SSNET, globals())
 
+# repeated runs of the baseline and of SelfReg (the run-to-run noise floor that `compare` reports)
+_REPEATS = [globals()[n] for n in define_repeat_variants([nnUNetTrainer, nnUNetTrainerSelfReg], globals())]
+__all__ += [c.__name__ for c in _REPEATS]
+
 for _base in (
     nnUNetTrainer,
-    nnUNetTrainerSelfReg,
-    nnUNetTrainerSelfReg_SCROnly,
-    nnUNetTrainerSelfReg_IFDOnly,
+    *_SELFREG,
     *_M2SNET,
     *_SSNET,
+    *_REPEATS,
 ):
     _cls = make_budget_variant(_base, __name__)
     globals()[_cls.__name__] = _cls
