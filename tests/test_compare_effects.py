@@ -96,3 +96,19 @@ def test_narrow_margin_is_not_shown_and_single_run_floor_is_flagged(results_env:
 @pytest.mark.parametrize("margin", ["0", "-0.1", "nan", "1.5"])
 def test_bad_margin_is_refused_with_the_fix(results_env: Path, capsys: pytest.CaptureFixture, margin: str) -> None:
     assert "--margin must be a Dice difference between 0 and 1" in error_of(capsys, "--margin", margin)
+
+
+def test_models_by_identifier_and_by_absolute_folder(results_env: Path, tmp_path: Path) -> None:
+    """Other configurations / plans / folders elsewhere: ``TRAINER__PLANS__CONFIG`` and absolute paths."""
+    other_config = f"{B}__nnUNetPlans__3d_fullres"
+    shutil.copytree(results_env / f"{B}__nnUNetPlans__2d", results_env / other_config)
+    elsewhere = tmp_path / "elsewhere" / f"{REP}__nnUNetPlans__2d"
+    shutil.copytree(results_env / f"{A}__nnUNetPlans__2d", elsewhere)
+    out = tmp_path / "cmp"
+    assert compare("-o", str(out), trainers=(A, other_config, str(elsewhere))) == 0
+    r = json.loads((out / "results.json").read_text())
+    models = {m["name"]: m for m in r["setup"]["models"]}
+    assert models[other_config]["configuration"] == "3d_fullres" and models[other_config]["trainer"] == B
+    assert models[str(elsewhere)]["folder"] == str(elsewhere)
+    assert r["differences"]["pooled"][other_config]["Dice"]["mean_difference"] == pytest.approx(0.2)
+    assert any("3d_fullres" in n for n in r["notes"])
