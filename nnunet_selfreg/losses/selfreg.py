@@ -4,8 +4,8 @@ Segmentation", MICCAI 2024, arXiv:2406.14896), N-dimensional.
 Notation (docs/method.md): encoder stage outputs ``e_1 … e_S``, decoder stage outputs
 ``d_1 … d_{S-1}`` (coarsest to finest), ``F_final = d_{S-1}``. As in the authors' code, the students
 are ``e_2 … e_S`` and ``d_1 … d_{S-2}``: the first, full-resolution encoder stage is not tapped.
-Feature maps are ``(B, C, *spatial)`` with 2 or 3 spatial axes. Every term is computed in float32, also under autocast (the squared
-differences of large float16 activations overflow).
+Feature maps are ``(B, C, *spatial)`` with 2 or 3 spatial axes. Every term is computed in float32, also
+under autocast (the squared differences of large float16 activations overflow).
 
 Both terms are mean squared errors between gathered channels. They are computed by small autograd
 functions that keep only what is alive anyway (the feature map, the channel indices, the detached
