@@ -9,6 +9,10 @@ copies dataset.json into ``nnUNet_preprocessed``, where the trainer reads it bac
 
 Cross-validation: the labelled cases are split by nnU-Net's own ``generate_crossval_split``; every
 unlabelled case joins the ``train`` list of every fold and never ``val`` (:func:`semi_supervised_splits`).
+
+The papers' protocol (keep 5 % or 10 % of the labels) is ``keep_labels``: N labelled cases (a seeded
+draw) keep their labels, the others become unlabelled cases and their real label maps are withheld in
+``labelsTr_withheld/`` (nnU-Net never reads that folder), so their predictions can still be scored.
 """
 
 from __future__ import annotations
@@ -270,11 +274,14 @@ def _unlabeled_files(folder: Path, ending: str, channels: list[str]) -> dict[str
     return cases
 
 
-def _readme(source: str, unlabeled_images: Path, n_labeled: int, n_unlabeled: int, ignore: int, prefix: str) -> str:
+def _readme(
+    source: str, unlabeled_images: Path | None, n_labeled: int, n_unlabeled: int, ignore: int, prefix: str
+) -> str:
+    origin = f"from {unlabeled_images.resolve()}" if unlabeled_images is not None else "(labels stripped, see below)"
     return (
         "Semi-supervised nnU-Net dataset written by nnunet-selfreg add-unlabeled.\n\n"
         f"Source dataset: {source} ({n_labeled} labelled case(s), images and labels copied unchanged).\n"
-        f"Unlabelled images: {n_unlabeled} case(s) from {unlabeled_images}"
+        f"Unlabelled images: {n_unlabeled} case(s) {origin}"
         f"{f', case ids prefixed with {prefix!r}' if prefix else ''}.\n"
         f"Each unlabelled case has a label map of its image's geometry filled with the ignore label {ignore} "
         '(dataset.json labels["ignore"]), so nnU-Net plans and preprocesses it like any case.\n'
@@ -288,24 +295,53 @@ def _readme(source: str, unlabeled_images: Path, n_labeled: int, n_unlabeled: in
     )
 
 
+WITHHELD_DIR = "labelsTr_withheld"
+
+
+def keep_count(spec: int | str, n_labeled: int) -> int:
+    """Labelled cases to keep: ``N`` or ``P%`` of ``n_labeled`` (rounded, at least 1); at least one must go."""
+    text = str(spec).strip()
+    try:
+        n = round(float(text[:-1]) / 100 * n_labeled) if text.endswith("%") else int(text)
+        if text.endswith("%"):
+            n = max(n, 1)
+    except ValueError:
+        raise SemiSupervisedDataError(
+            f"--keep-labels {spec!r}: give a number of cases (e.g. 4) or a share (10%)"
+        ) from None
+    if not 1 <= n < n_labeled:
+        raise SemiSupervisedDataError(
+            f"--keep-labels {spec}: keeps {n} of {n_labeled} labelled cases; keep at least 1 and strip at least 1"
+        )
+    return n
+
+
 def build_semi_supervised_dataset(
     labeled_dataset: Path,
-    unlabeled_images: Path,
+    unlabeled_images: Path | None,
     raw_root: Path,
     dataset_id: int,
     name: str | None = None,
     prefix: str = "",
     progress: ProgressCallback | None = None,
+    keep_labels: int | str | None = None,
+    keep_seed: int = 12345,
 ) -> Path:
     """Write ``raw_root/DatasetXXX_name``: the labelled dataset plus all-ignore cases for the unlabelled images.
 
-    The dataset is assembled in a hidden temporary folder beside the target and moved into place at the
-    end, so a failure leaves nothing behind; an existing target or dataset id is never overwritten.
+    ``keep_labels`` (``N`` or ``P%``): only that many labelled cases (drawn with ``keep_seed``) keep their
+    labels; the others become unlabelled, their label maps moved to ``labelsTr_withheld/``.
+    ``unlabeled_images`` may then be None. The dataset is assembled in a hidden temporary folder beside
+    the target and moved into place at the end, so a failure leaves nothing behind; an existing target or
+    dataset id is never overwritten.
     """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    source, unlabeled_images, raw_root = Path(labeled_dataset), Path(unlabeled_images), Path(raw_root)
+    if unlabeled_images is None and keep_labels is None:
+        raise SemiSupervisedDataError("give a folder of unlabelled images, or --keep-labels to strip labels")
+    source, raw_root = Path(labeled_dataset), Path(raw_root)
+    unlabeled_images = Path(unlabeled_images) if unlabeled_images is not None else None
     report = progress or (lambda done, total, message: None)
     src_json = _read_source(source)
     ending = str(src_json["file_ending"])
@@ -334,7 +370,13 @@ def build_semi_supervised_dataset(
     labeled_ids = sorted(set(ids) - set(previous_unlabeled))
     if not labeled_ids:
         raise SemiSupervisedDataError(f"{source} has no labelled case")
-    found = _unlabeled_files(unlabeled_images, ending, channels)
+    withheld: list[str] = []
+    if keep_labels is not None:
+        n_keep = keep_count(keep_labels, len(labeled_ids))
+        order = np.random.default_rng(keep_seed).permutation(len(labeled_ids))
+        withheld = sorted(labeled_ids[i] for i in order[n_keep:])
+        labeled_ids = sorted(labeled_ids[i] for i in order[:n_keep])
+    found = _unlabeled_files(unlabeled_images, ending, channels) if unlabeled_images is not None else {}
     new_ids = {f"{prefix}{case}": case for case in found}
     clash = sorted(set(new_ids) & set(ids))
     if clash:
@@ -374,6 +416,15 @@ def build_semi_supervised_dataset(
             for f in sorted((source / sub).iterdir()):
                 if f.is_file():
                     shutil.copy2(f, tmp / sub / f.name)
+        if withheld:
+            (tmp / WITHHELD_DIR).mkdir()
+        for case in withheld:  # keep the real labels aside, train on an all-ignore map
+            label_file = tmp / "labelsTr" / f"{case}{ending}"
+            shutil.move(label_file, tmp / WITHHELD_DIR / label_file.name)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                seg, properties = reader_writer().read_seg(str(tmp / WITHHELD_DIR / label_file.name))
+            blank = np.full(seg.shape[1:], ignore, dtype=np.uint8 if ignore < 255 else np.uint16)
+            reader_writer().write_seg(blank, str(label_file), properties)
         done = len(ids)
         report(done, total, f"copied the {len(ids)} cases of {source.name}")
         for new_id, case in sorted(new_ids.items()):
@@ -408,7 +459,7 @@ def build_semi_supervised_dataset(
             done += 1
             report(done, total, f"added unlabelled case {new_id} ({names})")
 
-        unlabeled_ids = sorted(set(previous_unlabeled) | set(new_ids))
+        unlabeled_ids = sorted(set(previous_unlabeled) | set(new_ids) | set(withheld))
         dataset_json = copy.deepcopy(src_json)
         dataset_json["labels"] = new_labels
         dataset_json["numTraining"] = len(ids) + len(new_ids)
@@ -418,14 +469,27 @@ def build_semi_supervised_dataset(
             "unlabeled_cases": unlabeled_ids,
             "labeled_cases": len(labeled_ids),
             "source_dataset": source.name,
-            "unlabeled_source": str(unlabeled_images.resolve()),
+            "unlabeled_source": str(unlabeled_images.resolve()) if unlabeled_images is not None else None,
             "prefix": prefix,
             "ignore_label": ignore,
         }
+        if withheld:
+            dataset_json[SEMISUPERVISED_KEY]["withheld_labels"] = {
+                "folder": WITHHELD_DIR,
+                "cases": withheld,
+                "kept": labeled_ids,
+                "keep_labels": str(keep_labels),
+                "seed": keep_seed,
+            }
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=4) + "\n")
-        (tmp / README_NAME).write_text(
-            _readme(source.name, unlabeled_images.resolve(), len(labeled_ids), len(unlabeled_ids), ignore, prefix)
-        )
+        readme = _readme(source.name, unlabeled_images, len(labeled_ids), len(unlabeled_ids), ignore, prefix)
+        if withheld:
+            readme += (
+                f"\nLabels kept: {len(labeled_ids)} case(s) (--keep-labels {keep_labels}, seed {keep_seed}); the "
+                f"labels of the other {len(withheld)} source case(s) are in {WITHHELD_DIR}/ (not used by nnU-Net): "
+                "score predictions of those cases against them, e.g. with nnUNetv2_evaluate_folder.\n"
+            )
+        (tmp / README_NAME).write_text(readme)
         if target.exists() or any(raw_root.glob(f"Dataset{dataset_id:03d}_*")):
             raise SemiSupervisedDataError(f"{target} appeared while it was being written; nothing was overwritten")
         os.rename(tmp, target)

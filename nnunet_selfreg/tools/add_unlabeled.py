@@ -17,7 +17,9 @@ DESCRIPTION = (
     "Write a new dataset in $nnUNet_raw: the labelled dataset SOURCE (copied unchanged) plus the images of "
     "UNLABELED_FOLDER as unlabelled training cases (label maps filled with nnU-Net's ignore label, listed in "
     "dataset.json under \"nnunet_selfreg\"). Unlabelled images use the dataset's file ending and nnU-Net's naming "
-    "CASE_XXXX<ending>; single-channel datasets also accept CASE<ending>. Nothing existing is overwritten."
+    "CASE_XXXX<ending>; single-channel datasets also accept CASE<ending>. With --keep-labels (the papers' 5% / "
+    "10% protocol), only that many labelled cases keep their labels; -i is then optional. Nothing existing is "
+    "overwritten."
 )
 
 
@@ -83,10 +85,22 @@ def run(args: argparse.Namespace) -> int:
     preprocessed, results = _env_path("nnUNet_preprocessed"), _env_path("nnUNet_results")
     source = _source_folder(raw, args.dataset)
     new_id = _new_id(args.new_id, convert_dataset_name_to_id(source.name), raw, preprocessed, results)
-    print(f"adding the unlabelled images of {Path(args.unlabeled).absolute()} to {source.name} as dataset {new_id}")
+    if args.unlabeled is None and args.keep_labels is None:
+        raise UserError("give -i UNLABELED_FOLDER, or --keep-labels N (or P%) to strip the labels of the other cases")
+    what = f"the unlabelled images of {Path(args.unlabeled).absolute()}" if args.unlabeled else "no new images"
+    keep = f", keeping the labels of {args.keep_labels} case(s)" if args.keep_labels else ""
+    print(f"adding {what} to {source.name}{keep} as dataset {new_id}")
     try:
         target = build_semi_supervised_dataset(
-            source, Path(args.unlabeled), raw, new_id, name=args.name, prefix=args.prefix, progress=_progress
+            source,
+            Path(args.unlabeled) if args.unlabeled else None,
+            raw,
+            new_id,
+            name=args.name,
+            prefix=args.prefix,
+            progress=_progress,
+            keep_labels=args.keep_labels,
+            keep_seed=args.seed,
         )
     except SemiSupervisedDataError as e:
         raise UserError(str(e)) from None
@@ -104,6 +118,14 @@ def run(args: argparse.Namespace) -> int:
             "  note: nnU-Net's fingerprint counts the unlabelled (all-ignore) images as foreground, which shifts "
             "the CT normalisation statistics"
         )
+    withheld = entry.get("withheld_labels")
+    if withheld:
+        print(
+            f"  {len(withheld['cases'])} case(s) lost their labels (kept in {target / withheld['folder']}); "
+            f"labelled: {', '.join(withheld['kept'])}"
+        )
+        if entry["labeled_cases"] < 5:
+            print("  note: nnU-Net's 5-fold split needs >= 5 labelled cases; train fold 'all' or keep more labels")
     print("next:")
     print(f"  nnUNetv2_plan_and_preprocess -d {new_id} --verify_dataset_integrity")
     print(f"  nnUNetv2_train {new_id} CONFIGURATION FOLD -tr nnUNetTrainerSSNet   # 2d, 3d_fullres, ...")
@@ -118,7 +140,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
     )
     p.add_argument("-d", dest="dataset", required=True, help="labelled source dataset: id or DatasetXXX_Name")
-    p.add_argument("-i", dest="unlabeled", required=True, metavar="UNLABELED_FOLDER", help="unlabelled images")
+    p.add_argument("-i", dest="unlabeled", default=None, metavar="UNLABELED_FOLDER", help="unlabelled images")
+    p.add_argument(
+        "--keep-labels",
+        default=None,
+        metavar="N|P%",
+        help="the papers' protocol: keep the labels of N (or P%%) labelled cases, drawn with --seed; the others "
+        "become unlabelled and their labels are kept aside in labelsTr_withheld/",
+    )
+    p.add_argument("--seed", type=int, default=12345, help="seed of the --keep-labels draw (default: 12345)")
     p.add_argument("-o", dest="new_id", type=int, default=None, metavar="NEW_ID", help="new dataset id (default: free)")
     p.add_argument("--name", default=None, help="name of the new dataset (default: the source's name + 'SemiSup')")
     p.add_argument("--prefix", default="", help="prefix for the unlabelled case ids (avoids clashes, e.g. unl_)")
