@@ -10,6 +10,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -98,6 +99,100 @@ def test_two_trained_2d_models(env, models_2d, capsys):
         assert text in report, text
     err = error_of(capsys, *models_2d, "-i", cases)  # checked before any model is loaded
     assert "already exists" in err and "--overwrite" in err
+
+
+# --------------------------------------------------------------------------- numbers recomputed independently
+
+
+def _stage_features(model: Path, case: str, preprocessed: Path) -> list[np.ndarray]:
+    """``[e_1 … e_S, d_1 … d_{S-1}]`` of one case, ``(C, H, W)`` float64 each, without our package.
+
+    The network is built from plans.json by nnU-Net, loaded with the fold's weights, and fed nnU-Net's
+    own preprocessed copy of the case (``nnUNetv2_plan_and_preprocess``'s file); the stage outputs are
+    taken with plain forward hooks on ``encoder.stages`` and ``decoder.stages``.
+    """
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans = json.loads((model / "plans.json").read_text())
+    config = plans["configurations"]["2d"]
+    arch = config["architecture"]
+    net = get_network_from_plans(
+        arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 3, deep_supervision=False
+    )
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    net.load_state_dict(checkpoint["network_weights"])
+    data = np.asarray(nnUNetDatasetBlosc2(str(preprocessed)).load_case(case)[0][:])[:, 0]  # (C, H, W)
+    assert list(data.shape[1:]) == config["patch_size"], "the case is one patch: no crop or padding to redo"
+    outputs: list[np.ndarray] = []
+    stages = [*net.encoder.stages, *net.decoder.stages]
+    handles = [s.register_forward_hook(lambda m, i, o: outputs.append(o[0].double().numpy().copy())) for s in stages]
+    with torch.no_grad():
+        net.eval()(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None])
+    for h in handles:
+        h.remove()
+    assert len(outputs) == len(stages)
+    return outputs
+
+
+def _pool(t: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Average pooling of a ``(C, H, W)`` map to ``size`` (whole blocks: U-Net sizes divide evenly)."""
+    (c, h, w), (sh, sw) = t.shape, size
+    assert h % sh == 0 and w % sw == 0
+    return t.reshape(c, sh, h // sh, sw, w // sw).mean(axis=(2, 4))
+
+
+def _cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of ``(C_x, n)`` and ``(C_y, n)`` samples: ‖Y_c X_cᵀ‖² / (‖X_c X_cᵀ‖ ‖Y_c Y_cᵀ‖), rows centred."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    return float(np.linalg.norm(y @ x.T) ** 2 / (np.linalg.norm(x @ x.T) * np.linalg.norm(y @ y.T)))
+
+
+def _effective_rank(x: np.ndarray) -> float:
+    eig = np.clip(np.linalg.eigvalsh(np.cov(x)), 0, None)
+    p = eig[eig > 0] / eig.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_stage_numbers_recomputed_from_the_network(env, models_2d, tmp_path):
+    """CKA (and its shuffled baseline), SCR and effective rank of every stage, recomputed with numpy."""
+    from nnunet_selfreg.analysis.extract import SCR_DRAWS, SEED  # the documented seeds and draw count
+
+    model = models_2d[1]
+    one = tmp_path / "one_case"
+    one.mkdir()
+    (one / "case_000_0000.png").symlink_to(env.raw / DATASET_2D / "imagesTr" / "case_000_0000.png")
+    assert analyze(model, "-i", one, "-o", tmp_path / "out", "--no-gradcam") == 0
+    stages = json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["stages"]
+
+    feats = _stage_features(model, "case_000", env.preprocessed / DATASET_2D / "nnUNetPlans_2d")
+    assert len(feats) == len(stages)
+    teacher = feats[-1]  # F_final
+    scr_gen = torch.Generator().manual_seed(SEED)  # one stream over the stages, student drawn before teacher
+    shuffle_gen = torch.Generator().manual_seed(SEED + 1)
+    for s, (f, stage) in enumerate(zip(feats, stages, strict=True)):
+        t = _pool(teacher, f.shape[1:])
+        x, y = f.reshape(f.shape[0], -1), t.reshape(t.shape[0], -1)
+        shuffled = y[:, torch.randperm(y.shape[1], generator=shuffle_gen).numpy()]
+        assert stage["channels"] == f.shape[0] and stage["spatial_size"] == list(f.shape[1:])
+        assert stage["cka"] == pytest.approx(_cka(x, y), rel=1e-5), stage["stage"]
+        assert stage["cka_shuffled"] == pytest.approx(_cka(x, shuffled), rel=1e-5), stage["stage"]
+        assert stage["effective_rank"] == pytest.approx(_effective_rank(x), rel=1e-5), stage["stage"]
+        if s == len(feats) - 1:
+            assert stage["scr"] is None  # the teacher has none
+            continue
+        k = min(f.shape[0], t.shape[0])
+        draws = []
+        for _ in range(SCR_DRAWS):
+            ps = torch.randperm(f.shape[0], generator=scr_gen).numpy()[:k]
+            pt = torch.randperm(t.shape[0], generator=scr_gen).numpy()[:k]
+            draws.append(np.mean((f[ps] - t[pt]) ** 2))
+        assert stage["scr"] == pytest.approx(float(np.mean(draws)), rel=1e-5), stage["stage"]
+
+    # near F_final the stages share its spatial layout: well above the shuffled-position baseline
+    for stage in stages[-2:]:
+        assert stage["cka"] > 2 * stage["cka_shuffled"], stage
 
 
 def _write_model(folder: Path, plans: dict, dataset_json: dict, configuration: str, seed: int = 0) -> Path:

@@ -127,6 +127,34 @@ def test_scr_of_a_single_channel_map_with_itself_is_zero():
 # --------------------------------------------------------------------------- Grad-CAM and taps
 
 
+def test_grad_cam_of_a_two_layer_example_by_hand():
+    """A_1 = (x, −x) (a 1x1 convolution with weights 1, −1), A_2 = ReLU(A_1), y = mean_x(2·A_2,0 − A_2,1).
+
+    x = [[1, −2], [3, 0]]: A_2,0 = [[1, 0], [3, 0]], A_2,1 = [[0, 2], [0, 0]], y = (2·4 − 2) / 4 = 1.5.
+    Stage 2: ∂y/∂A_2 = (2/4, −1/4) everywhere, α = (0.5, −0.25), CAM = ReLU(0.5·A_2,0 − 0.25·A_2,1)
+    = ReLU([[0.5, −0.5], [1.5, 0]]) = [[0.5, 0], [1.5, 0]]. Stage 1: ∂y/∂A_1,0 = 0.5·[A_1,0 > 0]
+    = [[0.5, 0], [0.5, 0]], α_0 = 0.25; ∂y/∂A_1,1 = −0.25·[A_1,1 > 0] = [[0, −0.25], [0, 0]], α_1 = −0.0625;
+    CAM = ReLU(0.25·x + 0.0625·x) = ReLU(0.3125·x) = [[0.3125, 0], [0.9375, 0]].
+    """
+    x = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]]]], requires_grad=True)
+
+    def layers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a1 = torch.cat([x, -x], dim=1)
+        a2 = torch.relu(a1)
+        return a1, a2, (2 * a2[:, 0] - a2[:, 1]).mean()
+
+    a1, a2, score = layers()
+    assert float(score) == pytest.approx(1.5)
+    cam1, cam2 = grad_cam([a1, a2], score)
+    assert torch.allclose(cam1, torch.tensor([[[0.3125, 0.0], [0.9375, 0.0]]]))
+    assert torch.allclose(cam2, torch.tensor([[[0.5, 0.0], [1.5, 0.0]]]))
+
+    # upsampled to (2, 4) (bilinear, align_corners=False): a row (u, v) becomes (u, ¾u + ¼v, ¼u + ¾v, v)
+    _, a2, score = layers()
+    (wide,) = grad_cam([a2], score, size=(2, 4))
+    assert torch.allclose(wide, torch.tensor([[[0.5, 0.375, 0.125, 0.0], [1.5, 1.125, 0.375, 0.0]]]))
+
+
 @pytest.mark.parametrize("arch", ["plain2d", "plain3d_aniso"])
 def test_grad_cam_shapes_and_non_negativity(arch):
     net = build(arch, deep_supervision=False).eval()
