@@ -6,7 +6,16 @@ import weakref
 import pytest
 import torch
 
-from nnunet_selfreg.taps import UNetFeatureTaps, UnsupportedArchitectureError, check_tappable
+from nnunet_selfreg.losses import SelfRegRegularizer
+from nnunet_selfreg.taps import (
+    FeatureTaps,
+    TapPoints,
+    UNetFeatureTaps,
+    UnsupportedArchitectureError,
+    check_tappable,
+    declare_taps,
+    tap_points,
+)
 from tests.nets import ARCHS, batch, build
 
 
@@ -81,28 +90,97 @@ def test_detach_removes_every_hook():
     assert not taps.attached
 
 
-def test_unsupported_architecture_gets_a_clear_error():
-    with pytest.raises(UnsupportedArchitectureError, match="PlainConvUNet.*ResidualEncoderUNet"):
+def test_undeclared_architecture_gets_the_declaration_recipe():
+    with pytest.raises(UnsupportedArchitectureError, match=r"PlainConvUNet.*ResidualEncoderUNet(.|\n)*@declare_taps"):
         check_tappable(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+
+
+def test_residual_unet_is_tapped_like_the_other_unets():
     from dynamic_network_architectures.architectures.unet import ResidualUNet
 
     net = ResidualUNet(
         1, 3, [8, 16, 32], torch.nn.Conv2d, 3, [1, 2, 2], [1, 1, 1], 3, [1, 1], norm_op=torch.nn.InstanceNorm2d
-    )
-    with pytest.raises(UnsupportedArchitectureError, match="ResidualUNet"):
-        UNetFeatureTaps().attach(net)
+    ).train()
+    taps = UNetFeatureTaps()
+    taps.attach(net)
+    net(torch.randn(2, 1, 16, 16))
+    enc, dec = taps.pop()
+    assert [e.shape[1:] for e in enc] == [(8, 16, 16), (16, 8, 8), (32, 4, 4)]
+    assert [d.shape[1:] for d in dec] == [(16, 8, 8), (8, 16, 16)]
+
+
+class _TinyUNet(torch.nn.Module):
+    """A user's own two-level network, declared with a method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.ModuleList([torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 8, 3, 2, 1)])
+        self.up = torch.nn.ModuleList([torch.nn.ConvTranspose2d(8, 4, 2, 2)])
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        skip = self.down[0](x)
+        return self.head(self.up[0](self.down[1](skip)) + skip)
+
+    def selfreg_tap_points(self) -> TapPoints:
+        return TapPoints(encoder=tuple(self.down), decoder=tuple(self.up), encoder_channels=(4, 8))
+
+
+class _TheirNet(_TinyUNet):
+    """A class one cannot edit: declared from outside, the declaration wins over nothing else."""
+
+    selfreg_tap_points = None
+
+
+def test_user_networks_declare_their_taps_in_a_few_lines():
+    for net in (_TinyUNet(), _TheirNet()):
+        if isinstance(net, _TheirNet):
+            with pytest.raises(UnsupportedArchitectureError, match="_TheirNet"):
+                tap_points(net)
+            declare_taps(_TheirNet)(lambda n: TapPoints(encoder=tuple(n.down), decoder=tuple(n.up)))
+        taps = FeatureTaps()
+        taps.attach(net.train())
+        out = net(torch.randn(2, 1, 8, 8))
+        enc, dec = taps.pop()
+        assert [e.shape[1] for e in enc] == [4, 8] and dec[0].shape == (2, 4, 8, 8)
+        # the SelfReg regulariser runs on them: e_2 and nothing from the decoder but the teacher
+        terms = SelfRegRegularizer()(enc, dec)
+        assert torch.isfinite(terms["total"]) and terms["ifd_dec"] == 0
+        assert out.shape == (2, 2, 8, 8)
+
+
+def test_primus_tokens_become_maps_on_the_token_grid():
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    net = Primus(1, 24, (4, 4, 4), 3, 8, 2, (8, 16, 12)).train()
+    points = tap_points(net)
+    assert points.encoder == (net.eva.blocks[1], net.eva.blocks[3], net.eva.blocks[5])
+    assert points.decoder == (net.eva.blocks[7],) and points.first_student == 0
+    taps = FeatureTaps()
+    taps.attach(net)
+    captured = {}
+    handle = net.eva.blocks[7].register_forward_hook(lambda m, a, o: captured.setdefault("tokens", o))
+    net(torch.randn(2, 1, 8, 16, 12))
+    handle.remove()
+    enc, dec = taps.pop()
+    assert all(m.shape == (2, 24, 2, 4, 3) for m in [*enc, *dec])
+    # token (w, h, d) sits at index w*H*D + h*D + d, as Primus's own rearrange "b (w h d) c" has it
+    tokens = captured["tokens"]
+    assert torch.equal(dec[0][:, :, 1, 2, 0], tokens[:, 1 * 4 * 3 + 2 * 3 + 0, :])
 
 
 def test_stage_with_one_channel_rejected_before_training():
     cls, kwargs, _ = ARCHS["plain2d"]
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    net = get_network_from_plans(
-        cls, {**kwargs, "features_per_stage": [1, 16, 32, 32]}, ("conv_op", "norm_op", "dropout_op", "nonlin"), 1, 3
-    )
-    with pytest.raises(ValueError, match="encoder stage 0 has 1 feature channel"):
+    keys = ("conv_op", "norm_op", "dropout_op", "nonlin")
+    net = get_network_from_plans(cls, {**kwargs, "features_per_stage": [8, 1, 32, 32]}, keys, 1, 3)
+    with pytest.raises(ValueError, match="encoder stage 1 has 1 feature channel"):
         UNetFeatureTaps().attach(net)
     UNetFeatureTaps().attach(net, min_channels=1)  # SCR alone can handle it
+    # e_1 is not a student (as in the authors' code): a 1-channel first stage is fine
+    net = get_network_from_plans(cls, {**kwargs, "features_per_stage": [1, 16, 32, 32]}, keys, 1, 3)
+    UNetFeatureTaps().attach(net)
 
 
 def test_unwraps_compiled_network_and_hooks_fire_after_compile():

@@ -4,6 +4,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.trainers.budget import make_budget_variant
 from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet
+from nnunet_selfreg.trainers.primus import (
+    nnUNet_Primus_B_TrainerSelfReg,
+    nnUNet_Primus_L_TrainerSelfReg,
+    nnUNet_Primus_M_TrainerSelfReg,
+    nnUNet_Primus_S_TrainerSelfReg,
+)
 from nnunet_selfreg.trainers.selfreg import (
     nnUNetTrainerSelfReg,
     nnUNetTrainerSelfReg_IFDOnly,
@@ -22,6 +28,10 @@ _SELFREG = [
     nnUNetTrainerSelfReg_SCROnly,
     nnUNetTrainerSelfReg_IFDOnly,
     nnUNetTrainerSelfReg_RelativeLambda,
+    nnUNet_Primus_S_TrainerSelfReg,
+    nnUNet_Primus_B_TrainerSelfReg,
+    nnUNet_Primus_M_TrainerSelfReg,
+    nnUNet_Primus_L_TrainerSelfReg,
 ]
 __all__ = [c.__name__ for c in _SELFREG]
 __all__ += define_epoch_variants(_SELFREG, globals())

@@ -1,4 +1,10 @@
-"""SelfReg-UNet trainers: nnU-Net's own U-Net and loss, plus SCR and IFD on tapped stage outputs."""
+"""SelfReg-UNet as a capability of any nnU-Net trainer (:class:`SelfRegMixin`), and its trainers.
+
+``class MyTrainer(SelfRegMixin, AnyNnUNetTrainer)`` trains ``AnyNnUNetTrainer`` with SelfReg: the mixin
+wraps whatever loss the trainer builds, taps the network's declared feature maps
+(:mod:`nnunet_selfreg.taps`), logs the terms, and resumes exactly. The mixin must come first, so that
+its methods run and then hand over to the trainer's with ``super()``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.losses.objective import STAT_KEYS, RegularisedSegLoss
 from nnunet_selfreg.losses.selfreg import SelfRegRegularizer
-from nnunet_selfreg.taps import UNetFeatureTaps, check_tappable
+from nnunet_selfreg.taps import FeatureTaps, TapPoints, tap_points
 from nnunet_selfreg.trainers.progress import install_extended_logger
 
 _LOG_KEYS = {
@@ -38,13 +44,16 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-class nnUNetTrainerSelfReg(nnUNetTrainer):
-    """nnU-Net with SelfReg-UNet (Zhu et al., MICCAI 2024): ``L = L_seg + λ_IFD (IFD_enc + IFD_dec) + λ_SCR SCR``.
+class SelfRegMixin:
+    """SelfReg-UNet (Zhu et al., MICCAI 2024) on any nnU-Net trainer.
 
-    ``L_seg`` is nnU-Net's Dice+CE with deep supervision, unchanged. The network is nnU-Net's own
-    (PlainConvUNet or ResidualEncoderUNet); forward hooks tap its stage outputs during training only,
-    so checkpoints and inference are plain nnU-Net. As in the authors' code the students are
-    ``e_2 … e_S`` and ``d_1 … d_{S-2}`` and the teacher is ``d_{S-1}`` (docs/method.md).
+    ``L = L_seg + λ_IFD (IFD_enc + IFD_dec) + λ_SCR SCR``.
+
+    ``L_seg`` is the trainer's own loss (nnU-Net's Dice+CE with deep supervision by default), unchanged.
+    Forward hooks tap the network's declared maps during training only, so checkpoints and inference are
+    the trainer's own. On nnU-Net's U-Nets, as in the authors' code, the students are ``e_2 … e_S`` and
+    ``d_1 … d_{S-2}`` and the teacher is ``d_{S-1}`` (docs/method.md). Use it first in the bases:
+    ``class T(SelfRegMixin, nnUNetTrainerDA5)``.
     """
 
     def __init__(
@@ -67,7 +76,7 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
         self.selfreg_ifd_detach_first_half = False  # reference: gradient into both halves
         self.selfreg_tap_first_encoder = False  # reference: e_1 (full resolution) is not a student
         self.selfreg_seed = 12345  # seeds the channel sampling of SCR (with the fold and the epoch)
-        self.selfreg_taps = UNetFeatureTaps()
+        self.selfreg_taps = FeatureTaps()
 
     # ----------------------------------------------------------------------------- set-up
     def _selfreg_log_keys(self) -> dict[str, str]:
@@ -91,18 +100,21 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
     def _selfreg_min_channels(self) -> int:
         return 2 if self.selfreg_use_ifd else 1
 
-    def _check_selfreg_network(self):
-        """The unwrapped network if SelfReg can tap it (IFD needs >= 2 channels in every student stage)."""
-        net = check_tappable(self.network, min_channels=1)
-        first = 0 if self.selfreg_tap_first_encoder else 1
-        for i, c in enumerate(net.encoder.output_channels[first:], start=first):
+    def _check_selfreg_network(self) -> TapPoints:
+        """The network's tap points, checked (IFD needs >= 2 channels in every student, where widths are known)."""
+        points = tap_points(self.network)
+        first = self._selfreg_first_student(points)
+        for i, c in enumerate((points.encoder_channels or ())[first:], start=first):
             if c < self._selfreg_min_channels():
                 raise ValueError(
                     f"encoder stage {i} has {c} feature channel(s); SelfReg's internal feature distillation "
                     "needs at least 2. Raise 'features_per_stage' in the plans (every stage needs >= 2) or use "
                     "nnUNetTrainerSelfReg_SCROnly."
                 )
-        return net
+        return points
+
+    def _selfreg_first_student(self, points: TapPoints) -> int:
+        return 0 if self.selfreg_tap_first_encoder else points.first_student
 
     @staticmethod
     def _seg_loss_weight_sum(seg_loss) -> float:
@@ -129,7 +141,7 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
     def _build_loss(self):
         # called by nnUNetTrainer.initialize right after the network is built, before any data is
         # loaded: the place for an early, clear error about the architecture
-        self._check_selfreg_network()
+        points = self._check_selfreg_network()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(self.selfreg_seed) + int(self.fold if isinstance(self.fold, int) else 0))
         seg_loss = super()._build_loss()
@@ -140,7 +152,7 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
                 self.selfreg_use_scr,
                 self.selfreg_use_ifd,
                 self.selfreg_ifd_detach_first_half,
-                include_first_encoder=self.selfreg_tap_first_encoder,
+                include_first_encoder=self._selfreg_first_student(points) == 0,
             ),
             self.selfreg_term_weights(seg_loss),
             generator,
@@ -151,17 +163,18 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
             self.initialize()
         # before the first forward, so that a torch.compile-d network traces the hooks
         self.selfreg_taps.attach(self.network, min_channels=1)
-        net = self._check_selfreg_network()
-        first = 0 if self.selfreg_tap_first_encoder else 1
+        points = self._check_selfreg_network()
+        first = self._selfreg_first_student(points)
         weights = self.loss.weight if isinstance(self.loss, RegularisedSegLoss) else {}
+        n_enc, n_dec = len(points.encoder), len(points.decoder)
         self.print_to_log_file(
             f"SelfReg: lambda={self.selfreg_lambda} -> effective weights {weights}"
             f"{' (x weight_ce + weight_dice)' if self.selfreg_lambda_relative_to_seg else ''}, "
             f"SCR={'on' if self.selfreg_use_scr else 'off'}, IFD={'on' if self.selfreg_use_ifd else 'off'} "
-            f"(detach first half: {self.selfreg_ifd_detach_first_half}); students: encoder stages "
-            f"e_{first + 1}..e_{len(net.encoder.stages)} {list(net.encoder.output_channels[first:])} channels and "
-            f"decoder stages d_1..d_{len(net.decoder.stages) - 1}; teacher F_final = d_{len(net.decoder.stages)} "
-            "(last decoder stage)",
+            f"(detach first half: {self.selfreg_ifd_detach_first_half}); network "
+            f"{type(self.selfreg_taps._network()).__name__}: students e_{first + 1}..e_{n_enc} "
+            f"{list((points.encoder_channels or ())[first:])} channels and d_1..d_{n_dec - 1}; teacher F_final = "
+            f"d_{n_dec} ({points.description or 'declared tap points'})",
             also_print_to_console=True,
         )
         super().on_train_start()
@@ -212,6 +225,10 @@ class nnUNetTrainerSelfReg(nnUNetTrainer):
         if means["nonfinite_steps"]:
             msg += f"; WARNING: L_reg was non-finite and skipped in {int(means['nonfinite_steps'])} step(s)"
         self.print_to_log_file(msg)
+
+
+class nnUNetTrainerSelfReg(SelfRegMixin, nnUNetTrainer):
+    """nnU-Net's default trainer with SelfReg-UNet (see :class:`SelfRegMixin`)."""
 
 
 class nnUNetTrainerSelfReg_SCROnly(nnUNetTrainerSelfReg):
