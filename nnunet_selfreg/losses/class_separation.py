@@ -6,19 +6,31 @@ Segmentation", MICCAI 2022 (SS-Net).
 Per-pixel features ``h`` of the finest decoder stage go through a projection head ``g`` and a
 prediction head ``q`` (each Linear → BatchNorm1d → ReLU → Linear). A memory holds, for every
 foreground class ``c``, up to ``capacity`` projected features ``g(h)`` of labelled pixels that are
-predicted correctly, chosen by a learned selector score (the ``capacity`` best). For class ``c``
-with predicted features ``z_i = q(g(h_i))`` of the pixels assigned to ``c`` (ground truth for
-labelled pixels, the argmax pseudo-label for unlabelled ones) and memory vectors ``m_j``::
+predicted correctly, ranked by the class's selector score ``s_c(g(h))``. For class ``c`` with
+predicted features ``z_i = q(g(h_i))`` of the pixels assigned to ``c`` (ground truth for labelled
+pixels, the argmax pseudo-label for unlabelled ones) and memory vectors ``m_j``::
 
     dist_ij = 1 − cos(z_i, m_j)
     a_i = σ(s_c(z_i)) · N / Σ_i σ(s_c(z_i))        (feature-side selector, rescaled to mean 1)
-    b_j = σ(t_c(m_j)) · M / Σ_j σ(t_c(m_j))        (memory-side selector, rescaled to mean 1)
+    b_j = σ(t_c(m̂_j)) · M / Σ_j σ(t_c(m̂_j))       (memory-side selector on m̂_j = m_j / ‖m_j‖, mean 1)
     L_c = mean_ij (a_i · b_j · dist_ij)
     L_cs = (1/K) Σ_c L_c                            (K classes, background included)
 
 ``L_c`` counts only when ``N > 1`` and ``M > 1`` (batch norm needs two vectors); background has no
 memory, so its term is 0, as in the reference implementation. Memory vectors and the selector
 inputs ``z_i`` are detached: the selectors learn through the weights only.
+
+Three places where the reference code (github.com/ycwu1997/SS-Net, ``utils/feature_memory.py`` and
+``utils/contrastive_losses.py``) does something else than it says; each is an option here:
+
+* it keeps the ``capacity`` **lowest**-scored candidates (an ascending sort, under a comment that
+  says highest): ``PrototypeMemory(keep="lowest")``; default ``"highest"``;
+* its memory-side rescaling divides each weight by itself (a transposed shape), so every ``b_j`` is
+  exactly 1 and the memory-side selector has no effect: ``memory_weights="ones"``; default
+  ``"learned"`` (the mean-1 rescaling above);
+* it scores candidates with the selector in training mode (batch statistics of each class's
+  candidates): ``memory_candidates(scoring="batch")``; default ``"eval"`` (per-vector scores, the
+  same on one GPU or many).
 """
 
 from __future__ import annotations
@@ -30,7 +42,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClassSeparationHeads", "PrototypeMemory", "class_separation_loss"]
+from nnunet_selfreg.losses.vat import frozen_batchnorm_stats
+
+__all__ = [
+    "MEMORY_KEEP",
+    "MEMORY_SCORING",
+    "MEMORY_WEIGHTS",
+    "ClassSeparationHeads",
+    "PrototypeMemory",
+    "class_separation_loss",
+]
+
+#: which candidates the memory keeps (``PrototypeMemory(keep=...)``, trainer ``ssnet_memory_keep``)
+MEMORY_KEEP = ("highest", "lowest")
+#: how candidates are scored (``memory_candidates(scoring=...)``, trainer ``ssnet_memory_scoring``)
+MEMORY_SCORING = ("eval", "batch")
+#: memory-side weights (``class_separation_loss(memory_weights=...)``, trainer ``ssnet_memory_weights``)
+MEMORY_WEIGHTS = ("learned", "ones")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, negative_slope: float | None = None) -> nn.Sequential:
@@ -63,22 +97,33 @@ class ClassSeparationHeads(nn.Module):
         return self.prediction(self.projection(h))
 
     @torch.no_grad()
-    def memory_candidates(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Projected features ``g(h)`` and their selector scores ``s_c(g(h))``, in evaluation mode.
+    def memory_candidates(self, h: Tensor, labels: Tensor, scoring: str = "eval") -> tuple[Tensor, Tensor]:
+        """Projected features ``g(h)`` (projection head in evaluation mode) and their selector scores ``s_c(g(h))``.
 
-        Evaluation mode makes each score depend on its own vector only (not on the batch), so the
-        best vectors of a class are the same whether chosen on one GPU or over all of them.
+        ``scoring="eval"``: the selector in evaluation mode, so each score depends on its own vector
+        only (not on the batch) and the best vectors of a class are the same whether chosen on one
+        GPU or over all of them. ``scoring="batch"``: the reference's way, the selector in training
+        mode normalising each class's candidates by their own batch statistics (running statistics
+        left untouched); a class with a single candidate gets score 0 (it is kept either way).
         """
+        _check_choice(scoring, MEMORY_SCORING, "scoring")
         if h.shape[0] == 0:
             return h.new_zeros((0, self.dim), dtype=torch.float32), h.new_zeros((0,), dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
             z = self.projection(h).float()
-            scores = torch.empty(z.shape[0], device=z.device, dtype=torch.float32)
+            scores = torch.zeros(z.shape[0], device=z.device, dtype=torch.float32)
             for c in labels.unique().tolist():
                 sel = labels == c
-                scores[sel] = self.selectors[int(c)](z[sel]).float().squeeze(1)
+                selector = self.selectors[int(c)]
+                if scoring == "eval":
+                    scores[sel] = selector(z[sel]).float().squeeze(1)
+                elif int(sel.sum()) > 1:
+                    selector.train()
+                    with frozen_batchnorm_stats(selector):
+                        scores[sel] = selector(z[sel]).float().squeeze(1)
+                    selector.eval()
         finally:
             self.train(was_training)
         return z, scores
@@ -95,12 +140,17 @@ def class_separation_loss(
     memory: Sequence[Tensor | None],
     selectors: Sequence[Callable[[Tensor], Tensor]],
     memory_selectors: Sequence[Callable[[Tensor], Tensor]],
+    memory_weights: str = "learned",
 ) -> Tensor:
     """L_cs of predicted features ``z`` (N, D) with class ``labels`` (N,) against ``memory[c]`` (M_c, D).
 
-    ``selectors[c]`` / ``memory_selectors[c]`` map (n, D) to selector logits (n, 1). Labels outside
-    ``0 … K−1`` (e.g. nnU-Net's ignore label) belong to no class. See the module docstring.
+    ``selectors[c]`` / ``memory_selectors[c]`` map (n, D) to selector logits (n, 1); the memory-side
+    selector sees the L2-normalised memory vectors, as in the reference. ``memory_weights="ones"``
+    sets every ``b_j = 1`` (what the reference's rescaling computes; the memory-side selectors are
+    then not called). Labels outside ``0 … K−1`` (e.g. nnU-Net's ignore label) belong to no class.
+    See the module docstring.
     """
+    _check_choice(memory_weights, MEMORY_WEIGHTS, "memory_weights")
     num_classes = len(memory)
     if z.ndim != 2 or labels.shape != z.shape[:1]:
         raise ValueError(f"expected z (N, D) and labels (N,), got {tuple(z.shape)} and {tuple(labels.shape)}")
@@ -116,30 +166,36 @@ def class_separation_loss(
         zc = z[labels == c]
         if zc.shape[0] < 2:
             continue
-        bank = bank.detach()
-        distance = 1.0 - F.normalize(zc.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+        unit_bank = F.normalize(bank.detach().float(), dim=1)
+        distance = 1.0 - F.normalize(zc.float(), dim=1) @ unit_bank.T
         a = _rescaled_sigmoid(selectors[c](zc.detach()))
-        b = _rescaled_sigmoid(memory_selectors[c](bank.to(zc.dtype)))
-        total = total + (distance * a[:, None] * b[None, :]).mean()
+        weighted = distance * a[:, None]
+        if memory_weights == "learned":
+            weighted = weighted * _rescaled_sigmoid(memory_selectors[c](unit_bank.to(zc.dtype)))[None, :]
+        total = total + weighted.mean()
     return total / num_classes
 
 
 class PrototypeMemory:
     """Per-class memory of at most ``capacity`` projected features, refilled at every update.
 
-    A class whose update brings no candidate keeps its previous vectors. With torch.distributed
-    initialised, every rank offers its ``capacity`` best candidates per class and all ranks keep the
-    same global best (an all-gather), so every rank sees the same prototypes.
+    ``keep="highest"`` keeps the ``capacity`` highest-scored candidates of each class (what the
+    reference's own comment says, and the paper's "high-quality prototypes"); ``keep="lowest"`` the
+    lowest-scored ones (what the reference code does). A class whose update brings no candidate
+    keeps its previous vectors. With torch.distributed initialised, every rank offers its
+    ``capacity`` best candidates per class and all ranks keep the same global best (an all-gather),
+    so every rank sees the same prototypes.
     """
 
-    def __init__(self, num_classes: int, capacity: int = 32) -> None:
+    def __init__(self, num_classes: int, capacity: int = 32, keep: str = "highest") -> None:
         if num_classes < 2 or capacity < 2:
             raise ValueError(f"need num_classes >= 2 and capacity >= 2, got {num_classes}, {capacity}")
+        self.keep = _check_choice(keep, MEMORY_KEEP, "keep")
         self.num_classes, self.capacity = num_classes, capacity
         self.bank: list[Tensor | None] = [None] * num_classes
 
     def _local_best(self, z: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
-        """(K, capacity, D + 1): the best candidates per class, score in the last column (−inf: empty)."""
+        """(K, capacity, D + 1): the best candidates per class, rank key in the last column (−inf: empty)."""
         packed = torch.full((self.num_classes, self.capacity, z.shape[1] + 1), float("-inf"), device=z.device)
         for c in range(1, self.num_classes):
             sel = labels == c
@@ -160,7 +216,8 @@ class PrototypeMemory:
                 f"expected z (N, D), labels (N,), scores (N,); got {tuple(z.shape)}, {tuple(labels.shape)}, "
                 f"{tuple(scores.shape)}"
             )
-        packed = self._local_best(z.float(), labels, scores.float())
+        key = scores.float() if self.keep == "highest" else -scores.float()
+        packed = self._local_best(z.float(), labels, key)
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
