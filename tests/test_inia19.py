@@ -222,7 +222,9 @@ def test_read_deb_files_ar_and_tar(tmp_path: Path) -> None:
     files = {"./usr/share/a.txt": b"odd", "./usr/share/b.bin": b"even"}
     for suffix, mode in ((".xz", "w:xz"), (".gz", "w:gz"), ("", "w")):
         deb = tmp_path / f"x{suffix}.deb"
-        deb.write_bytes(_ar({"debian-binary": b"2.0\n", "control.tar.xz": b"", f"data.tar{suffix}": _tar(files, mode)}))
+        deb.write_bytes(
+            _ar({"debian-binary": b"2.0\n", "control.tar.xz": b"odd", f"data.tar{suffix}": _tar(files, mode)})
+        )
         assert read_deb_files(deb, ("usr/share/a.txt", "usr/share/b.bin")) == {
             "usr/share/a.txt": b"odd",
             "usr/share/b.bin": b"even",
