@@ -26,9 +26,16 @@ from nnunet_selfreg.data.semisupervised import (
     semi_supervised_splits,
     unlabeled_cases,
 )
-from nnunet_selfreg.losses.class_separation import ClassSeparationHeads, PrototypeMemory, class_separation_loss
+from nnunet_selfreg.losses.class_separation import (
+    MEMORY_KEEP,
+    MEMORY_SCORING,
+    MEMORY_WEIGHTS,
+    ClassSeparationHeads,
+    PrototypeMemory,
+    class_separation_loss,
+)
 from nnunet_selfreg.losses.schedule import sigmoid_rampup_weight
-from nnunet_selfreg.losses.vat import adversarial_direction, frozen_batchnorm_stats, soft_dice_distance
+from nnunet_selfreg.losses.vat import VAT_DISTANCES, VAT_INITS, frozen_batchnorm_stats, virtual_adversarial_loss
 from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.taps import StageOutputTap, finest_decoder_stage, unwrap_network
 from nnunet_selfreg.trainers.progress import install_extended_logger
@@ -44,6 +51,12 @@ _LOG_LABELS = {
     "ssnet_weight": "w(t)",
 }
 CHECKPOINT_KEY = "ssnet"
+
+#: the reference's per-dimension settings (its 2D ACDC and 3D LA training scripts), the defaults here
+REFERENCE_SETTINGS: dict[int, dict[str, float | str]] = {
+    2: {"consistency": 0.1, "rampup_length": 200, "vat_xi": 10.0, "vat_eps": 6.0, "vat_distance": "soft_dice"},
+    3: {"consistency": 1.0, "rampup_length": 40, "vat_xi": 10.0, "vat_eps": 10.0, "vat_distance": "binary_dice"},
+}
 
 
 def average_gradients(parameters) -> None:
@@ -157,21 +170,27 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        three_d = len(self.configuration_manager.patch_size) == 3
+        ref = REFERENCE_SETTINGS[len(self.configuration_manager.patch_size)]
         self.ssnet_labeled_fraction = 0.5  # labelled share of each batch (1:1 as in the reference)
         self.ssnet_batch_size_factor = 1.0  # patches per step = factor x nnU-Net's batch size (memory grows)
-        self.ssnet_consistency = 1.0 if three_d else 0.1  # c of w(t)
-        self.ssnet_rampup_length = 40 if three_d else 200  # T of w(t), in units of ssnet_rampup_step
+        self.ssnet_consistency = ref["consistency"]  # c of w(t): 0.1 (2D), 1 (3D)
+        self.ssnet_rampup_length = ref["rampup_length"]  # T of w(t) in units of ssnet_rampup_step: 200 (2D), 40 (3D)
         self.ssnet_rampup_step = 150  # iterations per ramp-up unit
         self.ssnet_rampup_fraction: float | None = None  # if set: ramp over this share of all iterations
-        self.ssnet_vat_xi = 10.0  # ξ: size of the probe perturbation
-        self.ssnet_vat_eps = 10.0 if three_d else 6.0  # ε: size of the adversarial perturbation
+        self.ssnet_vat_xi = ref["vat_xi"]  # ξ = 10: L2 norm of the probe perturbation over the whole patch
+        self.ssnet_vat_eps = ref["vat_eps"]  # ε: L2 norm of the adversarial perturbation (patch): 6 (2D), 10 (3D)
+        self.ssnet_vat_distance = ref["vat_distance"]  # D of L_lds: "soft_dice" (2D), "binary_dice" (3D)
+        self.ssnet_vat_init = "uniform"  # random start direction: "uniform" (reference) or "gaussian"
         self.ssnet_cs_weight = 0.1  # λ_cs
         self.ssnet_head_dim = 32  # width of the projection / prediction heads
         self.ssnet_memory_size = 32  # vectors per class in the memory
+        self.ssnet_memory_keep = "highest"  # "lowest": what the reference code keeps (see docs/ssnet.md)
+        self.ssnet_memory_weights = "learned"  # "ones": the reference's memory-side weights (all exactly 1)
+        self.ssnet_memory_scoring = "eval"  # "batch": the reference's training-mode selector scores
         self.ssnet_cs_max_pixels: int | None = None  # per batch part; None: every pixel (reference)
         self.ssnet_seed = 12345  # seeds VAT directions and pixel sub-sampling (with fold and epoch)
         self.ssnet_num_labeled = 0  # set in initialize() from the batch size
+        self.ssnet_stock_batch_size = 0  # nnU-Net's planned batch (per GPU), set in initialize()
         self.ssnet_heads: ClassSeparationHeads | None = None
         self.ssnet_memory: PrototypeMemory | None = None
         self.ssnet_tap = StageOutputTap()
@@ -201,12 +220,22 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         mp = self.ssnet_cs_max_pixels
         if mp is not None and (isinstance(mp, bool) or not isinstance(mp, (int, np.integer)) or mp < 2):
             raise ValueError(f"ssnet_cs_max_pixels must be None or an integer >= 2, got {mp!r}")
+        for name, choices in (
+            ("ssnet_vat_distance", tuple(VAT_DISTANCES)),
+            ("ssnet_vat_init", VAT_INITS),
+            ("ssnet_memory_keep", MEMORY_KEEP),
+            ("ssnet_memory_weights", MEMORY_WEIGHTS),
+            ("ssnet_memory_scoring", MEMORY_SCORING),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def initialize(self):
         self._check_hyperparameters()
         install_extended_logger(self.logger, _LOG_LABELS, f"{self.__class__.__name__} terms")
         super().initialize()
         # the loaders are built later (on_train_start) with self.batch_size
+        self.ssnet_stock_batch_size = int(self.batch_size)
         self.batch_size = max(1, round(int(self.batch_size) * float(self.ssnet_batch_size_factor)))
         batch = int(self.batch_size)
         if batch < 2:
@@ -226,7 +255,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         _, channels = finest_decoder_stage(self.network)
         num_classes = self.label_manager.num_segmentation_heads
         self.ssnet_heads = ClassSeparationHeads(channels, num_classes, int(self.ssnet_head_dim)).to(self.device)
-        self.ssnet_memory = PrototypeMemory(num_classes, int(self.ssnet_memory_size))
+        self.ssnet_memory = PrototypeMemory(num_classes, int(self.ssnet_memory_size), keep=self.ssnet_memory_keep)
         optimizer.add_param_group({"params": list(self.ssnet_heads.parameters())})
         return optimizer, lr_scheduler
 
@@ -257,7 +286,15 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
                 return stock(data, batch_size, *args, **kwargs)
             tr_lab, tr_unl, _ = self._ssnet_keys
             loader = MixedBatchDataLoader(
-                data, batch_size, *args, labeled=tr_lab, unlabeled=tr_unl, num_labeled=self.ssnet_num_labeled, **kwargs
+                data,
+                batch_size,
+                *args,
+                labeled=tr_lab,
+                unlabeled=tr_unl,
+                num_labeled=self.ssnet_num_labeled,
+                # the labelled patches get stock nnU-Net's share of foreground-forced patches
+                reference_batch_size=self.ssnet_stock_batch_size,
+                **kwargs,
             )
             made.append(loader)
             return loader
@@ -283,9 +320,11 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             f"SS-Net: batch {n_l} labelled + {self.batch_size - n_l} unlabelled patches; w(t) = "
             f"{self.ssnet_consistency} * exp(-5 (1 - min(t, T)/T)^2) with T = {self.ssnet_rampup_length}, "
             f"t = iteration // {self.ssnet_rampup_step_iterations()}; "
-            f"VAT xi={self.ssnet_vat_xi}, eps={self.ssnet_vat_eps}; "
-            f"L_cs weight {self.ssnet_cs_weight}, heads {self.ssnet_head_dim}-d, memory {self.ssnet_memory_size} "
-            f"per class; training cases: {len(tr_lab)} labelled, {len(tr_unl)} unlabelled",
+            f"VAT xi={self.ssnet_vat_xi}, eps={self.ssnet_vat_eps} (L2 norms over the whole patch), distance "
+            f"{self.ssnet_vat_distance}, {self.ssnet_vat_init} start; L_cs weight {self.ssnet_cs_weight}, heads "
+            f"{self.ssnet_head_dim}-d, memory {self.ssnet_memory_size} per class (keep {self.ssnet_memory_keep}, "
+            f"{self.ssnet_memory_scoring} scores, {self.ssnet_memory_weights} memory weights); "
+            f"training cases: {len(tr_lab)} labelled, {len(tr_unl)} unlabelled",
             also_print_to_console=True,
         )
 
@@ -340,12 +379,13 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         labels = target[:n_l, 0].long()
         correct = (predicted[:n_l] == labels) & (labels > 0)
         cand_labels = labels[correct]
-        z, scores = heads.memory_candidates(h[:n_l][correct].detach(), cand_labels)
+        z, scores = heads.memory_candidates(h[:n_l][correct].detach(), cand_labels, self.ssnet_memory_scoring)
         memory.update(z, cand_labels, scores, distributed=self.is_ddp)
         h_l, y_l = self._subsample(h[:n_l].reshape(-1, channels), labels.reshape(-1))
         h_u, y_u = self._subsample(h[n_l:].reshape(-1, channels), predicted[n_l:].reshape(-1))
-        loss_l = class_separation_loss(heads(h_l), y_l, memory.bank, heads.selectors, heads.memory_selectors)
-        loss_u = class_separation_loss(heads(h_u), y_u, memory.bank, heads.selectors, heads.memory_selectors)
+        mw = self.ssnet_memory_weights
+        loss_l = class_separation_loss(heads(h_l), y_l, memory.bank, heads.selectors, heads.memory_selectors, mw)
+        loss_u = class_separation_loss(heads(h_u), y_u, memory.bank, heads.selectors, heads.memory_selectors, mw)
         return loss_l, loss_u
 
     def _backward(self, loss: Tensor) -> None:
@@ -391,21 +431,36 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
 
         # 2) VAT: direction from a probe pass (no parameter gradient), then the adversarial pass
         plain = self.network.module if self.is_ddp else self.network
+        coarser: list[Tensor] = []  # deep-supervision outputs of the adversarial pass
+
+        def probe_logits(x: Tensor) -> Tensor:
+            out = plain(x)
+            self.ssnet_tap.pop()  # the perturbed passes' features are not used
+            return out[0] if isinstance(out, (list, tuple)) else out
+
+        def adversarial_logits(x: Tensor) -> Tensor:
+            out = self.network(x)
+            self.ssnet_tap.pop()
+            if not isinstance(out, (list, tuple)):
+                return out
+            coarser.extend(out[1:])
+            return out[0]
+
         with amp(), frozen_batchnorm_stats(unwrap_network(self.network)):
-
-            def logits(x: Tensor) -> Tensor:
-                out = plain(x)
-                return out[0] if isinstance(out, (list, tuple)) else out
-
-            r = adversarial_direction(logits, data, p, float(self.ssnet_vat_xi), self._ssnet_generator)
-            self.ssnet_tap.pop()
-            adv = self.network(data + float(self.ssnet_vat_eps) * r)
-            self.ssnet_tap.pop()
-            advs = list(adv) if isinstance(adv, (list, tuple)) else [adv]
-            l_lds = soft_dice_distance(torch.softmax(advs[0].float(), dim=1), p)
+            l_lds, _ = virtual_adversarial_loss(
+                probe_logits,
+                adversarial_logits,
+                data,
+                p,
+                float(self.ssnet_vat_xi),
+                float(self.ssnet_vat_eps),
+                self._ssnet_generator,
+                VAT_DISTANCES[self.ssnet_vat_distance],
+                self.ssnet_vat_init,
+            )
             l_adv = w * l_lds
             if self.is_ddp:  # every parameter must take part in the synchronised backward
-                l_adv = l_adv + sum(0.0 * o.float().sum() for o in advs[1:])
+                l_adv = l_adv + sum(0.0 * o.float().sum() for o in coarser)
         self._backward(l_adv)
         if self.is_ddp:  # the heads are not wrapped in DDP
             average_gradients(self.ssnet_heads.parameters())
