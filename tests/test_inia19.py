@@ -267,3 +267,24 @@ def test_existing_dataset_is_refused(tmp_path: Path) -> None:
     (tmp_path / "Dataset961_Other").mkdir()
     with pytest.raises(FileExistsError, match="Pick a free id"):
         make_inia19_dataset(tmp_path, 961, tmp_path / "cache")
+
+
+def _demo(tmp_path: Path, *extra: str):
+    import subprocess
+
+    from tests.harness import BIN
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    cmd = [str(BIN / "nnunet-selfreg"), "demo", "--dataset", "inia19", "--workdir", str(tmp_path / "demo"), *extra]
+    return subprocess.run(cmd + ["--cache", str(tmp_path / "cache")], env=env, capture_output=True, text=True)
+
+
+def test_demo_inia19_without_the_deb_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _demo(tmp_path, "--offline")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "downloading is off" in proc.stderr and "--deb" in proc.stderr
+    fake = tmp_path / DEB_NAME
+    fake.write_bytes(b"not the package")
+    proc = _demo(tmp_path, "--deb", str(fake))
+    assert proc.returncode == 2 and "sha256 mismatch" in proc.stderr and "Traceback" not in proc.stderr
+    assert "plan: inia19 (3d_fullres)" in proc.stdout and "4 epochs x 10 iterations" in proc.stdout

@@ -1,5 +1,8 @@
 """``nnunet-selfreg demo``: real data -> nnU-Net plan/preprocess -> baseline and SelfReg training on
 the same folds and budget -> ``compare`` report. Everything runs through nnU-Net's own CLIs.
+
+Two real datasets: ``dsb2018`` (default; 2D nuclei tiles, configuration ``2d``) and ``inia19`` (3D
+macaque brain blocks with atlas labels, configuration ``3d_fullres``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 DEFAULT_EPOCHS = 4
 DEFAULT_ITERATIONS = 30
 DEFAULT_VAL_ITERATIONS = 5
+#: configuration and default budget (epochs, iterations, validation iterations) per --dataset; inia19's budget is
+#: sized from measured CPU time to about 20 minutes for 5 folds x 2 trainers on an idle 2-core CPU (docs/inia19.md)
+CONFIGURATIONS = {"dsb2018": "2d", "inia19": "3d_fullres"}
+DEFAULT_BUDGETS = {
+    "dsb2018": (DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_VAL_ITERATIONS),
+    "inia19": (4, 10, 2),
+}
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
@@ -75,13 +85,11 @@ def _dataset_folders(root: Path, dataset_id: int) -> list[Path]:
     return sorted(root.glob(f"Dataset{dataset_id:03d}_*")) if root.is_dir() else []
 
 
-def _is_demo_dataset(folder: Path) -> bool:
-    from nnunet_selfreg.data import dsb2018
+def _is_demo_dataset(folder: Path, dataset: str = "dsb2018") -> bool:
+    from nnunet_selfreg.data import dsb2018, inia19
 
-    return (folder / "PROVENANCE.md").is_file() and folder.name.split("_", 1)[1] in (
-        dsb2018.DATASET_NAME,
-        dsb2018.FALLBACK_NAME,
-    )
+    names = (inia19.DATASET_NAME,) if dataset == "inia19" else (dsb2018.DATASET_NAME, dsb2018.FALLBACK_NAME)
+    return (folder / "PROVENANCE.md").is_file() and folder.name.split("_", 1)[1] in names
 
 
 def _check_labels(folder: Path, labels: str) -> None:
@@ -94,13 +102,21 @@ def _check_labels(folder: Path, labels: str) -> None:
         )
 
 
-def prepare_dataset(folders: Folders, dataset_id: int | None, labels: str, cache: Path, offline: bool) -> Path:
-    """Reuse this work folder's demo dataset, or convert the real DSB2018 image into a new one."""
+def prepare_dataset(
+    folders: Folders,
+    dataset_id: int | None,
+    labels: str,
+    cache: Path,
+    offline: bool,
+    dataset: str = "dsb2018",
+    deb: Path | None = None,
+) -> Path:
+    """Reuse this work folder's demo dataset, or build a new one (the DSB2018 image or the INIA19 template)."""
     from nnunet_selfreg.data import dsb2018
 
     roots = (folders.raw, folders.preprocessed, folders.results)
     if dataset_id is None:
-        existing = [f for f in sorted(folders.raw.glob("Dataset*_*")) if _is_demo_dataset(f)]
+        existing = [f for f in sorted(folders.raw.glob("Dataset*_*")) if _is_demo_dataset(f, dataset)]
         if existing:
             _check_labels(existing[0], labels)
             _say(f"reusing the demo dataset {existing[0]}")
@@ -109,13 +125,21 @@ def prepare_dataset(folders: Folders, dataset_id: int | None, labels: str, cache
     else:
         taken = [f for root in roots for f in _dataset_folders(root, dataset_id)]
         raw_match = _dataset_folders(folders.raw, dataset_id)
-        if raw_match and _is_demo_dataset(raw_match[0]):
+        if raw_match and _is_demo_dataset(raw_match[0], dataset):
             _check_labels(raw_match[0], labels)
             _say(f"reusing the demo dataset {raw_match[0]}")
             return raw_match[0]
         if taken:
             free = dsb2018.find_free_dataset_id(*roots)
             raise UserError(f"dataset id {dataset_id} is already taken by {taken[0]}; use --dataset-id {free}")
+    if dataset == "inia19":
+        from nnunet_selfreg.data import inia19
+
+        _say(f"building the real INIA19 dataset as Dataset{dataset_id:03d} (.deb cache: {cache})")
+        try:
+            return inia19.make_inia19_dataset(folders.raw, dataset_id, cache, deb, allow_download=not offline).folder
+        except (inia19.DebDownloadError, inia19.DebHashError) as err:
+            raise UserError(str(err)) from None
     if offline:
         _say("--offline: using the synthetic fallback dataset (NOT real data)")
         from nnunet_selfreg.data.synthetic import make_synthetic_dataset
@@ -165,19 +189,19 @@ def _run_logged(cmd: list[str], env: dict[str, str], log: Path, show: tuple[str,
         raise UserError(f"{' '.join(cmd[:4])} ... failed (exit code {code}); log: {log}\n{tail}")
 
 
-def preprocess(dataset: Path, folders: Folders, env: dict[str, str], logs: Path) -> None:
+def preprocess(dataset: Path, folders: Folders, env: dict[str, str], logs: Path, configuration: str = "2d") -> None:
     target = folders.preprocessed / dataset.name
-    if (target / "nnUNetPlans.json").is_file() and (target / "nnUNetPlans_2d").is_dir():
+    if (target / "nnUNetPlans.json").is_file() and (target / f"nnUNetPlans_{configuration}").is_dir():
         _say(f"reusing the preprocessed data in {target}")
         return
-    _say("planning and preprocessing with nnUNetv2_plan_and_preprocess (2d)")
+    _say(f"planning and preprocessing with nnUNetv2_plan_and_preprocess ({configuration})")
     dataset_id = dataset.name[len("Dataset") : len("Dataset") + 3]
     cmd = [
         _bin("nnUNetv2_plan_and_preprocess"),
         "-d",
         dataset_id,
         "-c",
-        "2d",
+        configuration,
         "-np",
         "2",
         "-npfp",
@@ -214,11 +238,12 @@ def train_all(
     budget: tuple[int, int, int],
     env: dict[str, str],
     logs: Path,
+    configuration: str = "2d",
 ) -> None:
     runs = [(t, f) for f in folds for t in trainers]
     started, trained = time.time(), 0
     for i, (trainer, fold) in enumerate(runs, 1):
-        fold_dir = folders.results / dataset.name / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}"
+        fold_dir = folders.results / dataset.name / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
         state = _fold_state(fold_dir, budget)
         head = f"[{i}/{len(runs)}] {trainer} fold {fold}"
         if state == "done":
@@ -228,7 +253,7 @@ def train_all(
         if trained:
             eta = f" (about {(time.time() - started) / trained * (len(runs) - i + 1) / 60:.0f} min left)"
         _say(f"{head}: training {budget[0]} epochs x {budget[1]} iterations on {device}{eta}")
-        cmd = [_bin("nnUNetv2_train"), dataset.name, "2d", str(fold), "-tr", trainer, "-device", device]
+        cmd = [_bin("nnUNetv2_train"), dataset.name, configuration, str(fold), "-tr", trainer, "-device", device]
         if state == "partial":
             cmd.append("--c")
         _run_logged(
@@ -283,7 +308,9 @@ def with_repeats(trainers: list[str], repeats: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     workdir = Path(args.workdir).resolve()
-    budget = (args.epochs, args.iterations, args.val_iterations)
+    configuration = CONFIGURATIONS[args.dataset]
+    given = (args.epochs, args.iterations, args.val_iterations)
+    budget = tuple(d if g is None else g for g, d in zip(given, DEFAULT_BUDGETS[args.dataset], strict=True))
     trainers = with_repeats(list(args.trainers), args.repeats)
     if len(trainers) < 2:
         raise UserError("--trainers needs at least two trainers: the first is the baseline")
@@ -301,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
         + ("from your environment" if folders.from_environment else f"under {workdir}")
     )
     _say(
-        f"plan: {len(args.folds)} fold(s) x {len(trainers)} trainers ({', '.join(trainers)}), "
+        f"plan: {args.dataset} ({configuration}), {len(args.folds)} fold(s) x {len(trainers)} trainers "
+        f"({', '.join(trainers)}), "
         f"{budget[0]} epochs x {budget[1]} iterations each, device {device}"
     )
     cache = Path(args.cache) if args.cache else None
@@ -309,11 +337,12 @@ def run(args: argparse.Namespace) -> int:
         from nnunet_selfreg.data.dsb2018 import default_cache_dir
 
         cache = default_cache_dir()
-    dataset = prepare_dataset(folders, args.dataset_id, args.labels, cache, args.offline)
+    deb = Path(args.deb) if args.deb else None
+    dataset = prepare_dataset(folders, args.dataset_id, args.labels, cache, args.offline, args.dataset, deb)
     logs = workdir / "logs"
     env = _env(folders, budget)
-    preprocess(dataset, folders, env, logs)
-    train_all(dataset, folders, trainers, list(args.folds), device, budget, env, logs)
+    preprocess(dataset, folders, env, logs, configuration)
+    train_all(dataset, folders, trainers, list(args.folds), device, budget, env, logs, configuration)
 
     report = _free_report_dir(workdir)
     _say(f"comparing with nnunet-selfreg compare -> {report}")
@@ -327,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
             "-d",
             dataset.name,
             "-c",
-            "2d",
+            configuration,
             "-tr",
             *trainers,
             "-f",
@@ -337,8 +366,7 @@ def run(args: argparse.Namespace) -> int:
             "-np",
             "2",
             # nuclei are objects: F1 / PQ / AJI of the nucleus label's connected components
-            "--instances",
-            "1",
+            *(["--instances", "1"] if args.dataset == "dsb2018" else []),
         ]
     )
     _say(f"done in {(time.time() - t0) / 60:.1f} min; report: {report / 'report.md'}")
@@ -348,28 +376,37 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="real-data demo: DSB2018 nuclei -> nnU-Net baseline vs SelfReg, fold by fold -> report",
+        help="real-data demo: DSB2018 nuclei (2d) or INIA19 brain (3d_fullres) -> baseline vs SelfReg -> report",
         description=(
             "Builds an nnU-Net dataset from one real DSB2018 fluorescence image with expert nuclei labels "
             "(shipped in the stardist 0.9.2 wheel on PyPI; 25 non-overlapping tiles), plans and preprocesses "
             "it with nnU-Net, trains the baseline and SelfReg with the same short budget on the same folds, "
-            "and writes a compare report. Existing results are reused, never overwritten."
+            "and writes a compare report. --dataset inia19 does the same in 3D (3d_fullres) on 20 blocks of the "
+            "INIA19 macaque template with NeuroMaps atlas labels (Debian package mricron-data). Existing results "
+            "are reused, never overwritten."
         ),
+    )
+    p.add_argument(
+        "--dataset",
+        choices=tuple(CONFIGURATIONS),
+        default="dsb2018",
+        help="dsb2018: 2D nuclei, configuration 2d (default); inia19: 3D brain blocks, configuration 3d_fullres",
     )
     p.add_argument("--workdir", default="selfreg_demo", help="work folder (default: ./selfreg_demo)")
     p.add_argument("--folds", nargs="+", type=int, default=list(DEFAULT_FOLDS), help="folds (default: 0 1 2 3 4)")
-    p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help=f"epochs (default: {DEFAULT_EPOCHS})")
+    (e2, i2, v2), (e3, i3, v3) = DEFAULT_BUDGETS["dsb2018"], DEFAULT_BUDGETS["inia19"]
+    p.add_argument("--epochs", type=_positive_int, default=None, help=f"epochs (default: {e2} dsb2018, {e3} inia19)")
     p.add_argument(
         "--iterations",
         type=_positive_int,
-        default=DEFAULT_ITERATIONS,
-        help=f"training iterations per epoch (default: {DEFAULT_ITERATIONS})",
+        default=None,
+        help=f"training iterations per epoch (default: {i2} dsb2018, {i3} inia19)",
     )
     p.add_argument(
         "--val-iterations",
         type=_positive_int,
-        default=DEFAULT_VAL_ITERATIONS,
-        help=f"validation iterations per epoch (default: {DEFAULT_VAL_ITERATIONS})",
+        default=None,
+        help=f"validation iterations per epoch (default: {v2} dsb2018, {v3} inia19)",
     )
     p.add_argument(
         "--device",
@@ -397,6 +434,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="boundary",
         help="background/nucleus/boundary (default) or background/nucleus",
     )
-    p.add_argument("--cache", default=None, help="where the verified stardist wheel is kept")
-    p.add_argument("--offline", action="store_true", help="skip the download and use the synthetic fallback")
+    p.add_argument("--cache", default=None, help="where the verified stardist wheel / mricron-data .deb is kept")
+    p.add_argument(
+        "--deb",
+        default=None,
+        metavar="FILE",
+        help="inia19: a local mricron-data_1.2.20211006+dfsg-4_all.deb (sha256-checked) instead of apt-get download",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="dsb2018: skip the download and use the synthetic fallback; inia19: no apt-get (cache or --deb only)",
+    )
     p.set_defaults(func=run)
