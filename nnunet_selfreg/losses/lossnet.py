@@ -10,14 +10,17 @@ passed through four frozen VGG-16 blocks ``φ_1 … φ_4`` (up to relu1_2, relu2
 slices along the first spatial axis; at most ``max_slices`` of them, drawn by a seeded generator,
 are used per call. Computed in float32 (autocast off).
 
-Weights: a torchvision ``vgg16`` ImageNet state dict (``vgg16-397923af.pth``) from a local path,
-given explicitly or by ``$NNUNET_SELFREG_VGG16_WEIGHTS``. Without one, a randomly initialised VGG-16
-(torchvision's initialisation, fixed seed) is used: its random conv features still compare the two
-maps at several scales, but it is *not* the paper's ImageNet LossNet.
+Weights: the paper's LossNet is ImageNet VGG-16, i.e. torchvision's ``vgg16-397923af.pth``, read
+from a local path given explicitly or by ``$NNUNET_SELFREG_VGG16_WEIGHTS`` (nothing is downloaded).
+Without one, :class:`LossNet` refuses to start (:class:`MissingVGG16WeightsError`, saying what to do)
+rather than silently comparing maps through a random network; a randomly initialised VGG-16 (fixed
+seed) must be asked for with ``random_init=True``. The file's sha256 is computed and compared with
+the ImageNet file's, so a run records exactly which weights it used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 
@@ -31,6 +34,40 @@ VGG16_BLOCK_ENDS = (4, 9, 16, 23)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RANDOM_SEED = 0
+#: torchvision's ImageNet VGG-16 file (``VGG16_Weights.IMAGENET1K_V1``); its name holds the first 8 hex
+#: digits of its sha256. The full digest and size are those pinned for this file by several public projects
+#: that verify it after download (the size also matches torchvision's recorded ``_file_size`` of 527.796 MiB).
+VGG16_IMAGENET_FILE = "vgg16-397923af.pth"
+VGG16_IMAGENET_SHA256 = "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"
+VGG16_IMAGENET_BYTES = 553_433_881
+RANDOM_LOSSNET_TRAINERS = ("nnUNetTrainerM2SNet_RandomLossNet", "nnUNetTrainerMSNet_RandomLossNet")
+
+
+class MissingVGG16WeightsError(RuntimeError):
+    """LossNet was asked for without a VGG-16 weights file and without ``random_init=True``."""
+
+
+def missing_weights_message() -> str:
+    """The one-paragraph explanation raised when no VGG-16 weights file is given."""
+    return (
+        f"M2SNet's LossNet needs ImageNet VGG-16 weights and no weights file was given: set "
+        f"{ENV_VGG16_WEIGHTS} to a local copy of torchvision's {VGG16_IMAGENET_FILE} (sha256 "
+        f"{VGG16_IMAGENET_SHA256}, {VGG16_IMAGENET_BYTES:,} bytes; on a machine with internet access "
+        f"torchvision.models.vgg16(weights='IMAGENET1K_V1') saves it under ~/.cache/torch/hub/checkpoints/), or set "
+        f"the trainer attribute lossnet_vgg16_weights to its path. Nothing is downloaded. To train with a frozen, "
+        f"randomly initialised (seeded) VGG-16 instead, which is not the paper's LossNet, use "
+        f"{RANDOM_LOSSNET_TRAINERS[0]} or {RANDOM_LOSSNET_TRAINERS[1]}; nnUNetTrainerM2SNet_NoLossNet trains "
+        f"without LossNet."
+    )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (read in 8 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def vgg16_feature_layers() -> nn.Sequential:
@@ -112,11 +149,17 @@ class LossNet(nn.Module):
     """``Σ_j MSE(φ_j(P), φ_j(G))`` over four frozen VGG-16 blocks (see the module docstring).
 
     Args:
-        weights: path of a torchvision VGG-16 state dict; ``None``: ``$NNUNET_SELFREG_VGG16_WEIGHTS``,
-            else a randomly initialised VGG-16 (seed ``random_seed``). ``self.source`` says which.
+        weights: path of a torchvision VGG-16 state dict; ``None``: ``$NNUNET_SELFREG_VGG16_WEIGHTS``.
+            Neither: :class:`MissingVGG16WeightsError`, unless ``random_init``.
         input_size: side of the square images fed to VGG-16 (224 as in the paper).
         max_slices: 3D only: slices along the first spatial axis used per call (at most).
         slice_seed: seed of the generator that draws the 3D slices (one draw per call).
+        random_init: use a randomly initialised VGG-16 (torchvision's initialisation, seed
+            ``random_seed``) and ignore any weights file: explicitly *not* the paper's LossNet.
+
+    After construction: ``pretrained`` (a weights file was loaded), ``weights_path``, ``sha256`` (of
+    that file), ``imagenet`` (its sha256 is torchvision's ImageNet file's), ``random_seed`` (random
+    init only, else ``None``) and ``source``, a sentence for the training log.
     """
 
     def __init__(
@@ -125,6 +168,7 @@ class LossNet(nn.Module):
         input_size: int = 224,
         max_slices: int = 8,
         slice_seed: int = 0,
+        random_init: bool = False,
         random_seed: int = DEFAULT_RANDOM_SEED,
     ) -> None:
         super().__init__()
@@ -135,26 +179,54 @@ class LossNet(nn.Module):
         self.input_size = int(input_size)
         self.max_slices = int(max_slices)
         self.features = vgg16_feature_layers()
-        path, origin = resolve_vgg16_weights(weights)
-        if path is None:
-            _random_init_(self.features, random_seed)
+        self.weights_path: str | None = None
+        self.sha256: str | None = None
+        self.imagenet = False
+        self.random_seed: int | None = None
+        if random_init:
+            _random_init_(self.features, int(random_seed))
             self.pretrained = False
+            self.random_seed = int(random_seed)
             self.source = (
-                f"randomly initialised VGG-16 (seed {random_seed}; no weights file given: set "
-                f"${ENV_VGG16_WEIGHTS} to a torchvision vgg16-397923af.pth for the paper's ImageNet LossNet)"
+                f"randomly initialised VGG-16 (torchvision's initialisation, seed {self.random_seed}): "
+                f"NOT the paper's ImageNet LossNet"
             )
         else:
+            path, origin = resolve_vgg16_weights(weights)
+            if path is None:
+                raise MissingVGG16WeightsError(missing_weights_message())
             try:
                 load_vgg16_state_dict(self.features, path)
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"{e} [LossNet weights {origin}]") from e
             self.pretrained = True
-            self.source = f"VGG-16 weights from {path} ({origin})"
+            self.weights_path = path
+            self.sha256 = file_sha256(path)
+            self.imagenet = self.sha256 == VGG16_IMAGENET_SHA256
+            kind = (
+                f"torchvision's ImageNet {VGG16_IMAGENET_FILE}"
+                if self.imagenet
+                else f"NOT torchvision's ImageNet {VGG16_IMAGENET_FILE} (sha256 {VGG16_IMAGENET_SHA256})"
+            )
+            self.source = f"VGG-16 weights from {path} ({origin}), sha256 {self.sha256}: {kind}"
         self.features.requires_grad_(False)
         self.features.eval()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.slice_generator = torch.Generator().manual_seed(int(slice_seed))
+
+    def provenance(self) -> dict:
+        """Which weights this LossNet uses, for checkpoints and reports."""
+        return {
+            "pretrained": self.pretrained,
+            "random_init": self.random_seed is not None,
+            "random_seed": self.random_seed,
+            "weights_path": self.weights_path,
+            "sha256": self.sha256,
+            "imagenet": self.imagenet,
+            "expected_sha256": VGG16_IMAGENET_SHA256,
+            "source": self.source,
+        }
 
     def train(self, mode: bool = True) -> LossNet:
         super().train(mode)

@@ -3,7 +3,14 @@
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.trainers.budget import make_budget_variant
-from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet
+from nnunet_selfreg.trainers.m2snet import (
+    nnUNetTrainerM2SNet,
+    nnUNetTrainerM2SNet_NoLossNet,
+    nnUNetTrainerM2SNet_RandomLossNet,
+    nnUNetTrainerM2SNet_StructureLoss,
+    nnUNetTrainerMSNet,
+    nnUNetTrainerMSNet_RandomLossNet,
+)
 from nnunet_selfreg.trainers.primus import (
     nnUNet_Primus_B_TrainerSelfReg,
     nnUNet_Primus_L_TrainerSelfReg,
@@ -35,7 +42,14 @@ _SELFREG = [
 ]
 __all__ = [c.__name__ for c in _SELFREG]
 __all__ += define_epoch_variants(_SELFREG, globals())
-_M2SNET = [nnUNetTrainerM2SNet, nnUNetTrainerM2SNet_NoLossNet, nnUNetTrainerMSNet]
+_M2SNET = [
+    nnUNetTrainerM2SNet,
+    nnUNetTrainerM2SNet_NoLossNet,
+    nnUNetTrainerM2SNet_RandomLossNet,
+    nnUNetTrainerM2SNet_StructureLoss,
+    nnUNetTrainerMSNet,
+    nnUNetTrainerMSNet_RandomLossNet,
+]
 __all__ += [c.__name__ for c in _M2SNET]
 __all__ += define_epoch_variants(_M2SNET, globals())
 _SSNET = [nnUNetTrainerSSNet, nnUNetTrainerSSNet_FullRampup, nnUNetTrainer_LabeledOnly]

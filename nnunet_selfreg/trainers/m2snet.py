@@ -1,10 +1,17 @@
 """M2SNet / MSNet trainers: the plans' encoder with a subtraction decoder, plus LossNet in the loss.
 
-``L = L_seg + lossnet_weight · LossNet(P, G)``: ``L_seg`` is nnU-Net's Dice+CE with deep supervision
-on every decoder resolution, LossNet (frozen VGG-16) compares the full-resolution probabilities with
-the one-hot ground truth. LossNet is a trainer attribute, not part of ``self.network``, so
-checkpoints hold only the segmentation network and ``nnUNetv2_predict`` rebuilds it through
+``L = L_seg + lossnet_weight · LossNet(P, G)``. ``L_seg`` is nnU-Net's Dice+CE with deep supervision
+on every decoder resolution (``nnUNetTrainerM2SNet``), or the authors' structure loss, one-vs-rest per
+foreground class, with nnU-Net's deep-supervision weights (``nnUNetTrainerM2SNet_StructureLoss``: the
+paper's total loss). LossNet (frozen VGG-16) compares the full-resolution probabilities with the
+one-hot ground truth. LossNet is a trainer attribute, not part of ``self.network``, so checkpoints
+hold only the segmentation network and ``nnUNetv2_predict`` rebuilds it through
 :meth:`nnUNetTrainerM2SNet.build_network_architecture`.
+
+LossNet's weights decide what the method is, so they are never chosen silently: without a VGG-16
+weights file the LossNet trainers stop in ``initialize`` (before any data is loaded) with an error
+that says where to put the ImageNet file; a random VGG-16 is used only by the ``_RandomLossNet``
+trainers, which say so in the log, in ``debug.json`` and in every checkpoint.
 """
 
 from __future__ import annotations
@@ -12,21 +19,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+from batchgenerators.utilities.file_and_folder_operations import isfile
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
-from nnunet_selfreg.losses.lossnet import LossNet, SegLossWithLossNet
+from nnunet_selfreg.losses.lossnet import (
+    ENV_VGG16_WEIGHTS,
+    LossNet,
+    MissingVGG16WeightsError,
+    SegLossWithLossNet,
+    missing_weights_message,
+    resolve_vgg16_weights,
+)
+from nnunet_selfreg.losses.structure import StructureLoss
 from nnunet_selfreg.networks.m2snet import build_m2snet
+from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.trainers.progress import install_extended_logger
 from nnunet_selfreg.trainers.selfreg import validate_weight
 
 LOG_KEY = "m2snet_lossnet"
+#: checkpoint entry recording which LossNet weights the run used (see LossNet.provenance)
+CHECKPOINT_KEY = "m2snet_lossnet"
 
 
 class nnUNetTrainerM2SNet(nnUNetTrainer):
     """nnU-Net with M2SNet (Zhao et al., 2023): subtraction-pyramid decoder + 0.1 · LossNet.
 
-    Network hyper-parameters (width 64, multi-scale units) are fixed by
+    Network hyper-parameters (width 64, multi-scale units, full fixed filters) are fixed by
     :meth:`build_network_architecture`, which inference calls without a trainer instance; override
     it in a subclass to change them. Loss hyper-parameters are attributes set in ``__init__``.
     """
@@ -41,12 +61,23 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lossnet_weight = 0.1  # paper: structure loss + 0.1 · LossNet
-        self.lossnet_vgg16_weights: str | None = None  # path; None: $NNUNET_SELFREG_VGG16_WEIGHTS, else random VGG
+        self.lossnet_vgg16_weights: str | None = None  # path; None: $NNUNET_SELFREG_VGG16_WEIGHTS, else an error
+        self.lossnet_random_init = False  # True: seeded random VGG-16, not the paper's LossNet (_RandomLossNet)
+        self.lossnet_random_seed = 0  # seed of that random VGG-16
         self.lossnet_input_size = 224  # VGG-16 input side, as in the paper
         self.lossnet_max_slices = 8  # 3D: slices along the first spatial axis per step
         self.lossnet_include_background = False  # label training: compare foreground classes only
         self.lossnet_seed = 12345  # seeds the 3D slice draw (with the fold)
+        self.use_structure_loss = False  # True: the authors' structure loss instead of nnU-Net's Dice+CE
+        self.structure_kernel_size = 31  # boundary window of the structure loss (voxels, every axis)
+        self.structure_boundary_weight = 5.0  # w = 1 + 5 |box(g) - g|
+        self.structure_weighted_bce = False  # True: the paper's boundary-weighted BCE; False: the authors' code
         self.lossnet: LossNet | None = None  # built in _build_loss, kept outside self.network
+        # which LossNet the run uses, set when it is built (nnU-Net writes every attribute to debug.json)
+        self.lossnet_source: str | None = None
+        self.lossnet_vgg16_sha256: str | None = None
+        self.lossnet_is_random: bool | None = None
+        self._lossnet_check_deferred = False
 
     @staticmethod
     def build_network_architecture(
@@ -64,25 +95,73 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
     def _uses_lossnet(self) -> bool:
         return self.lossnet_weight > 0
 
+    def _check_lossnet_weights_given(self) -> None:
+        if self._uses_lossnet() and not self.lossnet_random_init:
+            path, _ = resolve_vgg16_weights(self.lossnet_vgg16_weights)
+            if path is None:
+                raise MissingVGG16WeightsError(missing_weights_message())
+
     def initialize(self):
         self.lossnet_weight = validate_weight(self.lossnet_weight, "lossnet_weight")
+        if not self._lossnet_check_deferred:
+            self._check_lossnet_weights_given()  # before the network is built or any data is read
+        if self.use_structure_loss and self.label_manager.ignore_label is not None:
+            raise ValueError(
+                f"{self.__class__.__name__}: the structure loss does not support nnU-Net's ignore label "
+                f"({self.label_manager.ignore_label}); train with nnUNetTrainerM2SNet (nnU-Net's loss handles it)"
+            )
         if self._uses_lossnet():
             install_extended_logger(
                 self.logger, {LOG_KEY: "LossNet (unweighted)"}, f"{self.__class__.__name__} LossNet"
             )
         super().initialize()
 
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        # --val and --c load a checkpoint first, which initializes: validation needs no LossNet, so a missing
+        # weights file is reported by on_train_start instead (still before any data is loaded)
+        self._lossnet_check_deferred = True
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            self._lossnet_check_deferred = False
+
+    def _build_seg_loss(self) -> nn.Module:
+        """nnU-Net's loss, or (``use_structure_loss``) the structure loss with nnU-Net's deep-supervision weights."""
+        loss = super()._build_loss()
+        if not self.use_structure_loss:
+            return loss
+        structure = StructureLoss(
+            has_regions=self.label_manager.has_regions,
+            kernel_size=self.structure_kernel_size,
+            boundary_weight=self.structure_boundary_weight,
+            weighted_bce=self.structure_weighted_bce,
+        )
+        if isinstance(loss, DeepSupervisionWrapper):
+            loss.loss = structure  # keep nnU-Net's weights (1/2^i, coarsest 0, normalised; DDP variant included)
+            return loss
+        return structure
+
     def _build_loss(self):
-        seg_loss = super()._build_loss()
+        seg_loss = self._build_seg_loss()
         if not self._uses_lossnet():
             return seg_loss
         fold = self.fold if isinstance(self.fold, int) else 0
-        self.lossnet = LossNet(
-            self.lossnet_vgg16_weights,
-            input_size=self.lossnet_input_size,
-            max_slices=self.lossnet_max_slices,
-            slice_seed=int(self.lossnet_seed) + fold,
-        ).to(self.device)
+        try:
+            self.lossnet = LossNet(
+                self.lossnet_vgg16_weights,
+                input_size=self.lossnet_input_size,
+                max_slices=self.lossnet_max_slices,
+                slice_seed=int(self.lossnet_seed) + fold,
+                random_init=self.lossnet_random_init,
+                random_seed=self.lossnet_random_seed,
+            ).to(self.device)
+        except MissingVGG16WeightsError:
+            if self._lossnet_check_deferred:
+                return seg_loss  # validation only, or on_train_start raises
+            raise
+        self.lossnet_source = self.lossnet.source
+        self.lossnet_vgg16_sha256 = self.lossnet.sha256
+        self.lossnet_is_random = self.lossnet.random_seed is not None
         return SegLossWithLossNet(
             seg_loss,
             self.lossnet,
@@ -92,28 +171,67 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
             include_background=self.lossnet_include_background,
         )
 
+    def _log_lossnet(self) -> None:
+        if self.lossnet is None:
+            self.print_to_log_file("LossNet: off (lossnet_weight = 0)", also_print_to_console=True)
+            return
+        is_3d = len(self.configuration_manager.patch_size) == 3
+        self.print_to_log_file(
+            f"LossNet: weight {self.lossnet_weight}, {self.lossnet.source}, input "
+            f"{self.lossnet.input_size}x{self.lossnet.input_size}"
+            + (f", at most {self.lossnet.max_slices} slices per step" if is_3d else ""),
+            also_print_to_console=True,
+        )
+        if self.lossnet_is_random:
+            ignored = resolve_vgg16_weights(self.lossnet_vgg16_weights)[0]
+            self.print_to_log_file(
+                f"WARNING: LossNet is a RANDOMLY INITIALISED VGG-16 (seed {self.lossnet.random_seed}), as "
+                f"{self.__class__.__name__} asks; results are not the paper's M2SNet LossNet"
+                + (f" (the weights file {ignored} is ignored)" if ignored else ""),
+                also_print_to_console=True,
+            )
+        elif not self.lossnet.imagenet:
+            for line in (
+                "!" * 100,
+                f"WARNING: the LossNet weights file {self.lossnet.weights_path} is not torchvision's ImageNet VGG-16:",
+                f"  its sha256 is {self.lossnet.sha256}",
+                f"  expected      {self.lossnet.provenance()['expected_sha256']} (vgg16-397923af.pth).",
+                f"  Training goes on with these weights (${ENV_VGG16_WEIGHTS} may point at your own); the sha256 is",
+                "  recorded in debug.json and in every checkpoint. Results are not the paper's ImageNet LossNet.",
+                "!" * 100,
+            ):
+                self.print_to_log_file(line, also_print_to_console=True)
+
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
+        if self._uses_lossnet() and self.lossnet is None:  # initialized by load_checkpoint (--c) without weights
+            raise MissingVGG16WeightsError(missing_weights_message())
         net = self.network.module if self.is_ddp else self.network
         net = getattr(net, "_orig_mod", net)
         n_params = sum(p.numel() for p in net.parameters())
+        dec = net.decoder
+        units = (
+            f"multi-scale subtraction units (|A-B| + fixed {dec.fixed_filter_mode} all-ones 3 and 5 filters, shared)"
+            if dec.multi_scale
+            else "single-scale subtraction units |A-B|"
+        )
         self.print_to_log_file(
-            f"{type(net).__name__}: width {net.decoder.width}, "
-            f"{'multi-scale (1, 3, 5)' if net.decoder.multi_scale else 'single-scale'} subtraction units, "
-            f"{len(net.decoder.reduce)} encoder levels, {n_params:,} parameters",
+            f"{type(net).__name__}: width {dec.width}, {units}, {len(dec.reduce)} encoder levels, "
+            f"{n_params:,} parameters",
             also_print_to_console=True,
         )
-        if self.lossnet is not None:
-            is_3d = len(self.configuration_manager.patch_size) == 3
-            self.print_to_log_file(
-                f"LossNet: weight {self.lossnet_weight}, {self.lossnet.source}, input "
-                f"{self.lossnet.input_size}x{self.lossnet.input_size}"
-                + (f", at most {self.lossnet.max_slices} slices per step" if is_3d else ""),
-                also_print_to_console=True,
+        self.print_to_log_file(
+            "Segmentation loss: "
+            + (
+                f"structure loss (BCE + boundary-weighted IoU, window {self.structure_kernel_size}, one-vs-rest)"
+                if self.use_structure_loss
+                else "nnU-Net's Dice + CE"
             )
-        else:
-            self.print_to_log_file("LossNet: off (lossnet_weight = 0)", also_print_to_console=True)
+            + (" with nnU-Net's deep supervision" if self.enable_deep_supervision else ""),
+            also_print_to_console=True,
+        )
+        self._log_lossnet()
         super().on_train_start()
 
     # ----------------------------------------------------------------------------- epochs
@@ -123,7 +241,7 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
-        self.loss.eval()  # validation loss = nnU-Net's loss only, comparable with the baseline
+        self.loss.eval()  # validation loss = the segmentation loss only, comparable with the baseline
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         if isinstance(self.loss, SegLossWithLossNet):
@@ -143,6 +261,16 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
             )
         super().on_train_epoch_end(train_outputs)
 
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing or self.lossnet is None or not isfile(filename):
+            return
+        # nnU-Net's save_checkpoint has no hook for extra entries: record the LossNet weights in the file it wrote
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint[CHECKPOINT_KEY] = {**self.lossnet.provenance(), "weight": self.lossnet_weight}
+        write_file_atomically(filename, lambda tmp: torch.save(checkpoint, tmp))
+
 
 class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
     """Ablation: the M2SNet architecture with nnU-Net's loss only."""
@@ -157,6 +285,36 @@ class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lossnet_weight = 0.0
+
+
+class nnUNetTrainerM2SNet_RandomLossNet(nnUNetTrainerM2SNet):
+    """M2SNet whose LossNet is a frozen, randomly initialised VGG-16 (seeded): explicitly not the paper's."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lossnet_random_init = True
+
+
+class nnUNetTrainerM2SNet_StructureLoss(nnUNetTrainerM2SNet):
+    """The paper's total loss: structure loss (one-vs-rest, nnU-Net's deep supervision) + 0.1 · LossNet."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_structure_loss = True
 
 
 class nnUNetTrainerMSNet(nnUNetTrainerM2SNet):
@@ -178,3 +336,18 @@ class nnUNetTrainerMSNet(nnUNetTrainerM2SNet):
             enable_deep_supervision,
             multi_scale=False,
         )
+
+
+class nnUNetTrainerMSNet_RandomLossNet(nnUNetTrainerMSNet):
+    """MSNet whose LossNet is a frozen, randomly initialised VGG-16 (seeded): explicitly not the paper's."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lossnet_random_init = True
