@@ -100,8 +100,10 @@ def test_tile_slices_partition_the_grid_area() -> None:
         count[ys, xs] += 1
     assert (count[:510, :510] == 1).all()  # no overlap, no gap
     assert count[510:].sum() == 0 and count[:, 510:].sum() == 0  # remainder dropped
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"grid 5 is too fine for an image of shape \(4, 4\)"):
         tile_slices((4, 4), 5)
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        tile_slices((512, 512), 0)
 
 
 def test_tiles_rebuild_the_source_crop(boundary_dataset: dsb2018.DatasetInfo, wheel: Path) -> None:
@@ -165,7 +167,7 @@ def test_semantic_labels_by_hand() -> None:
     diagonal = np.zeros((4, 4), dtype=np.uint16)
     diagonal[:3, :3] = 1  # corner at the image edge: the edge itself is no boundary
     assert semantic_labels(diagonal)[0, 0] == 1 and semantic_labels(diagonal)[2, 2] == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels must be one of \['binary', 'boundary'\], got 'instances'"):
         semantic_labels(inst, "instances")
 
 

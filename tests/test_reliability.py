@@ -1,4 +1,4 @@
-"""Reliability (issue 7): exported checkpoints predict without this package, interrupted training resumes
+"""Reliability: exported checkpoints predict without this package, interrupted training resumes
 exactly, the taps do not leak, non-finite steps are reported, untrusted checkpoints are not unpickled.
 
 Trainers: ``nnUNetTrainerSelfRegTinySeeded`` (``tests/ext_trainers/selfreg_reliability_trainers.py``) through
@@ -109,7 +109,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, Path(f"{proc.args[proc.args.index('-o') + 1]}.log").read_text()
 
 
-def test_export_stock_predicts_without_our_package(nnenv, ds2d, straight_run, tmp_path):
+def test_export_stock_predicts_without_our_package(nnenv, ds2d, straight_run, tmp_path, capsys):
     model = straight_run.parent
     before = sha256_tree(model)
     out = tmp_path / "exported"
@@ -127,7 +127,9 @@ def test_export_stock_predicts_without_our_package(nnenv, ds2d, straight_run, tm
         for key in set(orig) - {"trainer_name", "init_args", "network_weights", "optimizer_state"}:
             assert repr(new[key]) == repr(orig[key]), key
         assert all(torch.equal(new["network_weights"][k], v) for k, v in orig["network_weights"].items())
+    capsys.readouterr()
     assert main(["export-stock", str(model), str(out)]) == 2  # an existing output is refused
+    assert "exists already" in capsys.readouterr().err
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -379,17 +381,19 @@ def test_scr_channel_sampling_restarts_from_seed_fold_and_epoch(in_process, ds2d
 
 
 class _NaNOnce(torch.nn.Module):
-    """Wraps the regulariser; its ``total`` is NaN on call ``bad_call``."""
+    """Wraps the regulariser; all its terms are NaN on call ``bad_call``; records the terms of the other calls."""
 
     def __init__(self, inner: torch.nn.Module, bad_call: int) -> None:
         super().__init__()
         self.inner, self.bad_call, self.calls = inner, bad_call, 0
+        self.finite_terms: list[dict[str, float]] = []
 
     def forward(self, enc, dec, generator=None):
         terms = self.inner(enc, dec, generator=generator)
         self.calls += 1
         if self.calls == self.bad_call:
-            terms = {**terms, "total": terms["total"] * float("nan")}
+            return {k: v * float("nan") for k, v in terms.items()}
+        self.finite_terms.append({k: float(v.detach()) for k, v in terms.items()})
         return terms
 
 
@@ -407,5 +411,13 @@ def test_nonfinite_step_is_counted_and_printed_in_the_training_log(in_process, d
     t.on_train_epoch_end(outputs)
     log = Path(t.log_file).read_text()
     assert "(3 steps); WARNING: L_reg was non-finite and skipped in 1 step(s)" in log
-    assert all(np.isfinite(t.logger.get_value(k, step=-1)) for k in SELFREG_KEYS)
+    # the logged epoch means are those of the two finite steps (the terms the regulariser returned)
+    finite = t.loss.regularizer.finite_terms
+    assert len(finite) == 2
+    expected = {f"selfreg_{k}": np.mean([f[k] for f in finite]) for k in ("scr", "ifd_enc", "ifd_dec")}
+    w = t.loss.weight  # λ, or one λ per term
+    weighted = [sum(v * f[k] for k, v in w.items()) if isinstance(w, dict) else w * f["total"] for f in finite]
+    expected["selfreg_weighted"] = np.mean(weighted)
+    for key, value in expected.items():
+        assert t.logger.get_value(key, step=-1) == pytest.approx(value, rel=1e-5), key
     t.on_train_end()

@@ -113,7 +113,6 @@ def test_splits_put_unlabeled_in_every_train_and_match_nnunet():
         assert not set(ours["val"]) & set(unlabeled)
     assert sorted(c for s in splits for c in s["val"]) == sorted(labeled)
     assert all(type(c) is str for s in splits for k in ("train", "val") for c in s[k])
-    json.dumps(splits)  # what the trainer writes as splits_final.json
     other = semi_supervised_splits(labeled, unlabeled, n_splits=3, seed=7)
     assert [s["val"] for s in other] == [list(s["val"]) for s in generate_crossval_split(sorted(labeled), 7, 3)]
 
@@ -381,4 +380,14 @@ def test_nnunet_plans_and_preprocesses_built_dataset(nnenv, semisup2d):
     assert unlabeled_cases(ds) == unlabeled and ignore_label_value(ds) == 3
     cases = {f"case_{i:03d}" for i in range(10)} | set(unlabeled)
     assert {p.stem for p in (pre / "nnUNetPlans_2d").glob("*.pkl")} == cases
-    assert (pre / "nnUNetPlans_2d" / "scan00_seg.b2nd").is_file()
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    preprocessed = nnUNetDatasetBlosc2(str(pre / "nnUNetPlans_2d"))
+    for case in sorted(cases):
+        data, seg, _, _ = preprocessed.load_case(case)
+        seg = np.asarray(seg[:])
+        assert seg.shape[1:] == data.shape[1:] and seg.size > 0, case
+        if case in unlabeled:  # the whole map, after nnU-Net's cropping and resampling, is the ignore label
+            assert np.unique(seg).tolist() == [3], (case, np.unique(seg))
+        else:  # labelled cases keep their classes (nnU-Net marks outside-the-crop background -1)
+            assert 3 not in seg and {1, 2} <= set(np.unique(seg).tolist()) <= {-1, 0, 1, 2}, (case, np.unique(seg))
