@@ -1,16 +1,31 @@
-"""Cost of SelfReg over the stock nnUNetTrainer: training step time, peak memory, inference time.
+"""Cost of our methods over the stock nnUNetTrainer: training step time, peak memory, inference time.
 
 Builds nnU-Net plans with nnU-Net's own experiment planners (``ExperimentPlanner`` or
 ``nnUNetPlannerResEncM``) for a synthetic dataset whose median image is the patch, instantiates the
-real trainers (``nnUNetTrainer``, ``nnUNetTrainerSelfReg`` and its SCR-only / IFD-only ablations) on
-those plans, and runs nnU-Net's own ``train_step`` (SGD with nnU-Net's settings, gradient clipping
-at 12, Dice+CE with deep supervision, plus our taps and ``RegularisedSegLoss`` for SelfReg) on
-identical synthetic batches. The variants alternate step by step in one process (rotating the
-order every round), so a shared or throttled machine slows all of them alike.
+real trainers (``nnUNetTrainer``, ``nnUNetTrainerSelfReg`` and its SCR-only / IFD-only ablations; on
+request SS-Net and M2SNet with and without LossNet, ``--variants all`` for every one) on those plans,
+and runs each trainer's own ``train_step`` (SGD with nnU-Net's settings, gradient clipping at 12,
+Dice+CE with deep supervision, plus the method's terms) on identical synthetic batches. The variants
+alternate step by step in one process (rotating the order every round), so a shared or throttled
+machine slows all of them alike.
+
+M2SNet is timed with a randomly initialised LossNet (``nnUNetTrainerM2SNet_RandomLossNet`` where that
+trainer exists, else ``nnUNetTrainerM2SNet`` without a weights file): the same VGG-16 layers and
+input size as the ImageNet LossNet, so the same cost, and no weights file is needed.
 
 Peak memory comes from a fresh ``spawn`` child per variant (CPU: increase of the peak RSS over
-the steps; CUDA: ``torch.cuda.max_memory_allocated``). Inference times nnU-Net's sliding-window
-prediction of one case with and without taps attached (taps store nothing in eval mode).
+the steps; CUDA: ``torch.cuda.max_memory_allocated``). On CUDA every timed step also records, in
+the timing process itself, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+minus what was allocated before the step (activations and temporaries), and each trainer's resident
+tensors (parameters, gradients, optimizer state, loss modules): their sum is the peak a run of that
+trainer alone needs, without compiling every network a second time in a child process
+(``--no-memory`` skips the children). Inference times nnU-Net's sliding-window prediction of one
+case with and without taps attached (taps store nothing in eval mode).
+
+``--max-seconds`` bounds the run: no trainer is built and no step started after it, and SIGTERM
+(``timeout``) stops the run the same way; the JSON then holds the complete rounds measured so far
+and says why it stopped. A trainer whose build or step fails is dropped with its error in the JSON
+and the others go on (the baseline ``nnUNetTrainer`` must work).
 
 Run from the repository root; ``--help`` lists the options. The defaults on CPU are small (see
 ``CONFIGS``) so that one configuration runs in minutes on a 2-core machine, and use one thread: on a
@@ -28,13 +43,15 @@ import json
 import os
 import platform
 import resource
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -47,14 +64,20 @@ DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID}_StepCost"
 NUM_CLASSES = 3  # background + 2 foreground labels
 VARIANTS = ("nnUNetTrainer", "SelfReg", "SCROnly", "IFDOnly")
-EXTRA_VARIANTS = ("SSNet",)  # on request (--variants SSNet): half of each batch counts as unlabelled
+# on request (--variants NAME ... or --variants all); SSNet: half of each batch counts as unlabelled
+EXTRA_VARIANTS = ("SSNet", "M2SNet", "M2SNetNoLossNet")
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 TRAINER_NAMES = {
     "nnUNetTrainer": "nnUNetTrainer",
     "SelfReg": "nnUNetTrainerSelfReg",
     "SCROnly": "nnUNetTrainerSelfReg_SCROnly",
     "IFDOnly": "nnUNetTrainerSelfReg_IFDOnly",
     "SSNet": "nnUNetTrainerSSNet",
+    "M2SNet": "nnUNetTrainerM2SNet_RandomLossNet",  # random VGG-16 LossNet: the ImageNet one's cost, no file
+    "M2SNetNoLossNet": "nnUNetTrainerM2SNet_NoLossNet",
 }
+# used where the preferred trainer does not exist (yet): without a weights file it builds a random LossNet too
+FALLBACK_TRAINER_NAMES = {"M2SNet": "nnUNetTrainerM2SNet"}
 
 
 @dataclass(frozen=True)
@@ -183,16 +206,33 @@ class Setup:
     seed: int
     n_batches: int
     threads: int | None = None
+    lossnet_input_size: int | None = None  # M2SNet: None keeps the trainer's (224); small for quick checks
+    lossnet_max_slices: int | None = None  # M2SNet 3D: None keeps the trainer's (8)
 
 
 def trainer_class(variant: str) -> type:
+    """The trainer class timed as ``variant`` (see ``TRAINER_NAMES`` / ``FALLBACK_TRAINER_NAMES``)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_selfreg.trainers import selfreg, ssnet
+    import nnunet_selfreg.trainers as trainers
+    from nnunet_selfreg.trainers import m2snet
 
     if variant == "nnUNetTrainer":
         return nnUNetTrainer
-    return getattr(ssnet if variant == "SSNet" else selfreg, TRAINER_NAMES[variant])
+    names = [TRAINER_NAMES[variant], FALLBACK_TRAINER_NAMES.get(variant)]
+    for name in filter(None, names):
+        for module in (trainers, m2snet):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type):
+                return cls
+    raise LookupError(f"none of the trainers {[n for n in names if n]} exists in nnunet_selfreg.trainers")
+
+
+def trainer_name(variant: str) -> str:
+    try:
+        return trainer_class(variant).__name__
+    except Exception:  # missing, or the trainers do not import: build_trainer reports why
+        return TRAINER_NAMES[variant]
 
 
 def build_trainer(setup: Setup, variant: str):
@@ -210,8 +250,12 @@ def build_trainer(setup: Setup, variant: str):
         trainer._do_i_compile = lambda: setup.compile  # nnU-Net itself compiles the network (and loss.dc)
         if not setup.amp:
             trainer.grad_scaler = None
+        for attr in ("lossnet_input_size", "lossnet_max_slices"):
+            if getattr(setup, attr) is not None and hasattr(trainer, attr):
+                setattr(trainer, attr, getattr(setup, attr))
         torch.manual_seed(setup.seed)  # identical initial weights in every variant
         trainer.initialize()
+        trainer.loss.train()  # as on_train_epoch_start leaves it (M2SNet's LossNet counts in training mode only)
         if isinstance(trainer, nnUNetTrainerSelfReg):  # what on_train_start does before the first forward
             trainer.selfreg_taps.attach(trainer.network, min_channels=2 if trainer.selfreg_use_ifd else 1)
         if isinstance(trainer, nnUNetTrainerSSNet):
@@ -224,7 +268,10 @@ def disable_cuda_autocast() -> None:
     """``--no-amp`` on CUDA: nnU-Net's ``train_step`` always autocasts there, so switch its autocast off."""
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as module
 
-    module.autocast = lambda device_type, enabled=True, **kw: torch.autocast(device_type, enabled=False, **kw)
+    from nnunet_selfreg.trainers import ssnet  # SS-Net's own train_step autocasts too
+
+    for m in (module, ssnet):
+        m.autocast = lambda device_type, enabled=True, **kw: torch.autocast(device_type, enabled=False, **kw)
 
 
 def make_batches(setup: Setup, trainer) -> list[dict]:
@@ -274,6 +321,31 @@ def prepare_process(setup: Setup) -> None:
 
 
 # ------------------------------------------------------------------------------------------ step time
+class TimeBudgetExceeded(Exception):
+    """Raised on SIGTERM (``timeout``) so that the measured rounds still reach the JSON."""
+
+
+_MAIN_PID = os.getpid()
+
+
+def _raise_time_budget(signum: int, frame: Any) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked worker (nnU-Net's planner uses a Pool): end as SIGTERM would
+        os._exit(128 + signum)
+    raise TimeBudgetExceeded(f"stopped by signal {signal.Signals(signum).name}")
+
+
+@dataclass
+class StepRun:
+    """What ``time_steps`` measured so far: complete rounds only, plus why variants or the run stopped."""
+
+    times: Times = field(default_factory=lambda: {"wall": {}, "cpu": {}})
+    errors: dict[str, str] = field(default_factory=dict)  # variant -> why it has no numbers
+    cuda_step_increase_mib: dict[str, list[float]] = field(default_factory=dict)  # per timed step
+    cuda_resident_mib: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0  # complete timed rounds
+    stopped: str | None = None  # why the run ended before its last round
+
+
 def rotations(items: Sequence[str]) -> Iterator[list[str]]:
     r = 0
     while True:
@@ -282,35 +354,173 @@ def rotations(items: Sequence[str]) -> Iterator[list[str]]:
         r += 1
 
 
-def time_steps(setup: Setup, variants: Sequence[str], warmup: int, steps: int) -> Times:
-    """Seconds per ``train_step`` of each variant, alternating within every round after ``warmup`` rounds."""
-    trainers = {}
-    for v in variants:
-        log(f"  building {TRAINER_NAMES[v]} ...")
-        trainers[v] = build_trainer(setup, v)
-    batches = make_batches(setup, trainers[variants[0]])
-    times: Times = {"wall": {v: [] for v in variants}, "cpu": {v: [] for v in variants}}
-    order = rotations(list(variants))
+def _error(stage: str, e: BaseException) -> str:
+    log(f"  {stage} failed:\n" + "".join(traceback.format_exception(e))[-3000:])
+    return f"{stage}: {type(e).__name__}: {e}"[:600]
+
+
+def timed_step(trainer, batch: dict, device: str, cuda_memory: bool) -> tuple[float, float, float | None]:
+    """Wall and CPU seconds of one ``train_step``; with ``cuda_memory`` also the MiB its peak adds."""
+    if cuda_memory:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    wall, cpu = timed(lambda: trainer.train_step(batch), device)
+    increase = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda_memory else None
+    return wall, cpu, increase
+
+
+def resident_cuda_mib(trainer) -> float:
+    """MiB of CUDA tensors a trainer keeps between steps: parameters, gradients and buffers of every
+    module it holds (network, loss, LossNet, heads), optimizer state, and tensors held by its other
+    attributes (e.g. SS-Net's memory). Storages are counted once."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+
+    for obj in vars(trainer).values():
+        if isinstance(obj, torch.nn.Module):
+            for prm in obj.parameters():
+                add(prm)
+                add(prm.grad)
+            for buf in obj.buffers():
+                add(buf)
+        elif isinstance(obj, torch.Tensor):
+            add(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for x in vars(obj).values():
+                add(x)
+    optimizer = getattr(trainer, "optimizer", None)
+    for state in getattr(optimizer, "state", {}).values():
+        for x in state.values():
+            add(x)
+    return total / 2**20
+
+
+def time_steps(
+    setup: Setup,
+    variants: Sequence[str],
+    warmup: int,
+    steps: int,
+    deadline: float | None = None,
+    run: StepRun | None = None,
+) -> StepRun:
+    """Seconds per ``train_step`` of each variant, alternating within every round after ``warmup`` rounds.
+
+    Fills ``run`` as it goes (pass one in to keep what was measured when ``TimeBudgetExceeded`` is
+    raised). With a ``deadline`` (``time.perf_counter()`` seconds) no build or step starts after it, and
+    the warm-up rounds (where ``torch.compile`` compiles each network) end at 70 % of the time left:
+    a variant without a finished warm-up step by then is dropped, so that the others still get timed.
+    """
+    run = run if run is not None else StepRun()
+    cuda = setup.device.startswith("cuda")
     t_start = time.perf_counter()
-    for r in range(warmup + steps):
+    warmup_deadline = None if deadline is None else t_start + 0.7 * (deadline - t_start)
+
+    def past(limit: float | None) -> bool:
+        return limit is not None and time.perf_counter() > limit
+
+    trainers: dict[str, Any] = {}
+    active: list[str] = []
+
+    def drop(v: str, why: str) -> None:
+        run.errors[v] = why
+        active.remove(v)
+        for per_clock in run.times.values():
+            per_clock.pop(v, None)
+        run.cuda_step_increase_mib.pop(v, None)
+        trainers.pop(v, None)
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def step_round(r: int, timed_round: bool, limit: float | None) -> dict[str, tuple[float, float, float | None]]:
+        """One step of every active variant (rotated order), until ``limit``; failing variants are dropped."""
+        row: dict[str, tuple[float, float, float | None]] = {}
         batch = batches[r % len(batches)]
-        row = {}
-        for v in next(order):
-            row[v] = timed(lambda v=v, b=batch: trainers[v].train_step(b), setup.device)
-        phase = f"warm-up {r + 1}/{warmup}" if r < warmup else f"step {r - warmup + 1}/{steps}"
-        if r >= warmup:
-            for v in variants:
-                times["wall"][v].append(row[v][0])
-                times["cpu"][v].append(row[v][1])
-        elapsed = time.perf_counter() - t_start
-        cells = " | ".join(f"{v} {row[v][0]:.3f}s (cpu {row[v][1]:.3f}s)" for v in variants)
-        log(f"  [{phase}] {cells}  ({elapsed:.0f}s elapsed)")
-    for t in trainers.values():
-        if hasattr(t, "selfreg_taps"):
-            t.selfreg_taps.detach()
-        if hasattr(t, "ssnet_tap"):
-            t.ssnet_tap.detach()
-    return times
+        k = r % len(active)
+        for v in [*active[k:], *active[:k]]:
+            if past(limit):
+                break
+            try:
+                row[v] = timed_step(trainers[v], batch, setup.device, cuda and timed_round)
+            except TimeBudgetExceeded:
+                raise
+            except Exception as e:
+                why = _error(f"{trainer_name(v)} train_step (round {r + 1})", e)
+                if v == "nnUNetTrainer":
+                    run.errors[v] = why
+                    raise RuntimeError(f"the baseline nnUNetTrainer failed: {why}") from e
+                drop(v, why)
+        cells = " | ".join(f"{v} {row[v][0]:.3f}s (cpu {row[v][1]:.3f}s)" for v in active if v in row)
+        phase = f"step {r - warmup + 1}/{steps}" if timed_round else f"warm-up {r + 1}/{warmup}"
+        log(f"  [{phase}] {cells}  ({time.perf_counter() - t_start:.0f}s elapsed)")
+        return row
+
+    try:
+        for v in variants:
+            if past(deadline):
+                run.errors[v] = "not built: --max-seconds ran out"
+                continue
+            log(f"  building {trainer_name(v)} ...")
+            try:
+                trainers[v] = build_trainer(setup, v)
+            except TimeBudgetExceeded:
+                raise
+            except Exception as e:
+                run.errors[v] = _error(f"building {trainer_name(v)}", e)
+        if "nnUNetTrainer" not in trainers:
+            raise RuntimeError(f"the baseline nnUNetTrainer could not be built: {run.errors.get('nnUNetTrainer')}")
+        batches = make_batches(setup, trainers["nnUNetTrainer"])
+        active.extend(trainers)
+        run.times = {"wall": {v: [] for v in active}, "cpu": {v: [] for v in active}}
+        run.cuda_step_increase_mib = {v: [] for v in active} if cuda else {}
+        warmed = set()
+        for r in range(warmup):
+            warmed.update(step_round(r, False, warmup_deadline))
+            if past(warmup_deadline):
+                for v in [v for v in active if v not in warmed]:
+                    drop(v, f"dropped: no warm-up (compile) step finished within {warmup_deadline - t_start:.0f}s")
+                break
+        for i in range(steps):
+            if past(deadline):
+                break
+            row = step_round(warmup + i, True, deadline)
+            if not all(v in row for v in active):
+                break
+            for v in active:
+                run.times["wall"][v].append(row[v][0])
+                run.times["cpu"][v].append(row[v][1])
+                if cuda:
+                    run.cuda_step_increase_mib[v].append(row[v][2])
+            run.rounds += 1
+        if run.rounds < steps:
+            run.stopped = f"--max-seconds ran out after {run.rounds} of {steps} timed round(s)"
+    finally:
+        for v, t in trainers.items():
+            if cuda:
+                run.cuda_resident_mib[v] = resident_cuda_mib(t)
+            if hasattr(t, "selfreg_taps"):
+                t.selfreg_taps.detach()
+            if hasattr(t, "ssnet_tap"):
+                t.ssnet_tap.detach()
+    return run
+
+
+def cuda_memory_summary(run: StepRun) -> dict[str, dict[str, float]]:
+    """Per variant: resident MiB, the largest per-step increase, and their sum (the peak of that trainer alone)."""
+    out = {}
+    for v, incs in run.cuda_step_increase_mib.items():
+        if incs and v in run.cuda_resident_mib:
+            resident, increase = run.cuda_resident_mib[v], max(incs)
+            out[v] = {"resident_mib": resident, "step_peak_increase_mib": increase, "peak_mib": resident + increase}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -347,12 +557,19 @@ def memory_child(setup: Setup, variant: str, steps: int) -> dict[str, float | bo
     return out
 
 
-def measure_memory(setup: Setup, variants: Sequence[str], steps: int) -> dict[str, dict[str, float | bool]]:
+def measure_memory(
+    setup: Setup, variants: Sequence[str], steps: int, errors: dict[str, str]
+) -> dict[str, dict[str, float | bool]]:
+    """Peak memory per variant from one fresh child process each; a failing child's error goes to ``errors``."""
     result = {}
     for v in variants:
-        log(f"  memory: {TRAINER_NAMES[v]} ({steps} steps in a fresh child process) ...")
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            result[v] = pool.submit(memory_child, setup, v, steps).result()
+        log(f"  memory: {trainer_name(v)} ({steps} steps in a fresh child process) ...")
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                result[v] = pool.submit(memory_child, setup, v, steps).result()
+        except Exception as e:
+            errors[v] = _error(f"memory child of {trainer_name(v)}", e)
+            continue
         log("    " + ", ".join(f"{k} {x:.0f}" for k, x in result[v].items() if not isinstance(x, bool)))
     return result
 
@@ -478,18 +695,30 @@ def markdown(result: dict) -> str:
     ]
     mem = result.get("memory", {})
     key = "cuda_max_allocated_mib" if dev["type"] == "cuda" else "rss_step_increase_mib"
+    if not mem and result.get("cuda_memory"):  # no children: the in-process CUDA peaks
+        mem, key = result["cuda_memory"], "peak_mib"
     m0 = mem.get("nnUNetTrainer", {}).get(key)
-    for v in result["step_time"]["wall"]:
+    names = result.get("trainers", {})
+    for v in result["step_time"].get("wall", {}):
         m = mem.get(v, {}).get(key)
         mtxt = f"{m:.0f} | {m / m0:.3f}" if m is not None and m0 else "– | –"
         cells = " | ".join(_cells(result["step_time"][c][v]) for c in clocks)
-        lines.append(f"| {TRAINER_NAMES[v]} | {cells} | {mtxt} |")
+        lines.append(f"| {names.get(v, v)} | {cells} | {mtxt} |")
+    for v, why in result.get("errors", {}).items():
+        lines.append(f"| {names.get(v, v)} | not measured: {why.splitlines()[0][:200]} |")
     lines += [
         "",
         "× paired: median (IQR) over rounds of this trainer's step time divided by nnUNetTrainer's in the same "
         "round; CPU = process CPU time (all threads), less sensitive than wall time to other jobs on the machine.",
     ]
-    if mem:
+    if result.get("stopped"):
+        lines.append(f"Stopped early: {result['stopped']}.")
+    if key == "peak_mib":
+        lines.append(
+            "Peak memory: resident tensors of the trainer (parameters, gradients, optimizer state, loss modules) plus "
+            "the largest torch.cuda.max_memory_allocated increase over one of its timed steps, in the timing process."
+        )
+    elif mem:
         what = (
             "torch.cuda.max_memory_allocated"
             if dev["type"] == "cuda"
@@ -526,6 +755,16 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def process_age_s() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): importing torch and nnU-Net counts too."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -546,9 +785,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=VARIANTS + EXTRA_VARIANTS,
+        choices=(*ALL_VARIANTS, "all"),
         default=list(VARIANTS),
-        help="trainers to compare (default: the SelfReg ones; nnUNetTrainer is always included; SSNet on request)",
+        help="trainers to compare (default: the SelfReg ones; nnUNetTrainer is always included; SSNet, M2SNet "
+        "(random LossNet, same cost as the ImageNet one) and M2SNetNoLossNet on request; all: every one)",
     )
     p.add_argument(
         "--amp",
@@ -580,6 +820,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "measures work rather than threads waiting for each other on a shared machine",
     )
     p.add_argument("--seed", type=int, default=0, help="weights and batches (default: 0)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        help="no trainer build or step starts after this many seconds from the script's start; the JSON keeps the "
+        "complete rounds (memory children and inference are skipped once it has run out)",
+    )
+    p.add_argument("--lossnet-input-size", type=int, help="M2SNet LossNet input side (default: the trainer's, 224)")
+    p.add_argument("--lossnet-max-slices", type=int, help="M2SNet 3D LossNet slices per step (default: the trainer's)")
     p.add_argument("--json", type=Path, help="write every number to this JSON file")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
@@ -596,7 +844,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--patch needs {cfg.dim} sizes for {args.config}")
     args.steps = args.steps or (40 if cuda else 20)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    args.variants = ["nnUNetTrainer", *[v for v in args.variants if v != "nnUNetTrainer"]]
+    if "all" in args.variants:
+        args.variants = list(ALL_VARIANTS)
+    args.variants = list(dict.fromkeys(["nnUNetTrainer", *args.variants]))
     if args.threads is None:
         args.threads = 0 if cuda else 1
     if args.threads < 0:
@@ -604,59 +854,109 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def record_steps(result: dict[str, Any], run: StepRun, variants: Sequence[str]) -> None:
+    """Put what ``run`` measured into ``result``: complete timed rounds only, and why a variant has none."""
+    measured = [v for v, ts in run.times["wall"].items() if run.rounds and len(ts) == run.rounds]
+    result["rounds"] = run.rounds
+    result["step_time"] = (
+        summarise({c: {v: run.times[c][v] for v in measured} for c in run.times}, "nnUNetTrainer")
+        if "nnUNetTrainer" in measured
+        else {}
+    )
+    result["step_time_raw_s"] = {c: {v: run.times[c][v] for v in measured} for c in run.times}
+    if run.cuda_step_increase_mib:
+        result["cuda_memory"] = cuda_memory_summary(run)
+    errors = dict(run.errors)
+    for v in variants:
+        if v not in measured and v not in errors:
+            errors[v] = f"no complete timed round ({run.stopped or result.get('error') or 'not reached'})"
+    result["errors"] = errors
+    result["stopped"] = run.stopped
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
-        setup_nnunet_env(Path(tmp))
-        log(f"planning {args.config} for a {args.patch} dataset with nnU-Net's planner ...")
-        plans, dataset_json = make_plans(args.config, args.patch)
-        desc = describe_plans(plans)
-        batch = args.batch or (desc["planned_batch_size"] if cuda else CONFIGS[args.config].cpu_batch)
-        setup = Setup(
-            args.config, plans, dataset_json, batch, args.device, args.amp, args.compile, args.seed, 2, args.threads
-        )
-        log(f"  {desc}; batch {batch}; device {args.device}; AMP {args.amp}; compile {args.compile}")
-        prepare_process(setup)
-        result: dict[str, Any] = {
-            "config": args.config,
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "device": device_info(args.device),
-            "plans": desc,
-            "batch_size": batch,
-            "amp": args.amp,
-            "compile": args.compile,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "mem_steps": args.mem_steps,
-        }
-        log(f"step time: {len(args.variants)} trainers alternating, {args.warmup} + {args.steps} rounds")
-        times = time_steps(setup, args.variants, args.warmup, args.steps)
-        result["step_time"] = summarise(times, "nnUNetTrainer")
-        result["step_time_raw_s"] = times
-        if not args.no_memory:
-            log("peak memory:")
-            result["memory"] = measure_memory(setup, args.variants, args.mem_steps)
-        if not args.no_inference:
-            log("inference:")
-            with contextlib.redirect_stdout(io.StringIO()):
-                trainer = build_trainer(setup, "nnUNetTrainer")
-            inf_times, max_abs_diff, shape = time_inference(
-                setup, trainer, args.infer_repeats, args.case_scale, args.mirroring
+    deadline = t0 - process_age_s() + args.max_seconds if args.max_seconds else None
+    result: dict[str, Any] = {
+        "config": args.config,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "variants": list(args.variants),
+        "trainers": {v: trainer_name(v) for v in args.variants},
+        "amp": args.amp,
+        "compile": args.compile,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "mem_steps": args.mem_steps,
+        "max_seconds": args.max_seconds,
+    }
+    run = StepRun()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_time_budget)
+    try:
+        with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
+            setup_nnunet_env(Path(tmp))
+            log(f"planning {args.config} for a {args.patch} dataset with nnU-Net's planner ...")
+            plans, dataset_json = make_plans(args.config, args.patch)
+            desc = describe_plans(plans)
+            batch = args.batch or (desc["planned_batch_size"] if cuda else CONFIGS[args.config].cpu_batch)
+            setup = Setup(
+                args.config,
+                plans,
+                dataset_json,
+                batch,
+                args.device,
+                args.amp,
+                args.compile,
+                args.seed,
+                2,
+                args.threads,
+                args.lossnet_input_size,
+                args.lossnet_max_slices,
             )
-            result["inference"] = {
-                "case_shape": shape,
-                "mirroring": args.mirroring,
-                "repeats": args.infer_repeats,
-                "identical_logits": max_abs_diff == 0.0,
-                "max_abs_logit_difference": max_abs_diff,
-                "summary": summarise(inf_times, "stock"),
-                "raw_s": inf_times,
-            }
+            log(f"  {desc}; batch {batch}; device {args.device}; AMP {args.amp}; compile {args.compile}")
+            prepare_process(setup)
+            result.update(device=device_info(args.device), plans=desc, batch_size=batch)
+            log(f"step time: {len(args.variants)} trainers alternating, {args.warmup} + {args.steps} rounds")
+            try:
+                time_steps(setup, args.variants, args.warmup, args.steps, deadline, run)
+            except TimeBudgetExceeded as e:
+                run.stopped = str(e)
+            record_steps(result, run, args.variants)
+            measured = list(result["step_time"].get("wall", {}))
+            out_of_time = run.stopped is not None or (deadline is not None and time.perf_counter() > deadline)
+            if not args.no_memory and measured and not out_of_time:
+                log("peak memory:")
+                result["memory_errors"] = {}
+                result["memory"] = measure_memory(setup, measured, args.mem_steps, result["memory_errors"])
+            if not args.no_inference and measured and not out_of_time:
+                log("inference:")
+                with contextlib.redirect_stdout(io.StringIO()):
+                    trainer = build_trainer(setup, "nnUNetTrainer")
+                inf_times, max_abs_diff, shape = time_inference(
+                    setup, trainer, args.infer_repeats, args.case_scale, args.mirroring
+                )
+                result["inference"] = {
+                    "case_shape": shape,
+                    "mirroring": args.mirroring,
+                    "repeats": args.infer_repeats,
+                    "identical_logits": max_abs_diff == 0.0,
+                    "max_abs_logit_difference": max_abs_diff,
+                    "summary": summarise(inf_times, "stock"),
+                    "raw_s": inf_times,
+                }
+    except TimeBudgetExceeded as e:  # while planning, or in the memory / inference part
+        result["stopped"] = result.get("stopped") or str(e)
+    except Exception as e:
+        result["error"] = _error("step_cost", e)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if "step_time" not in result:
+        record_steps(result, run, args.variants)
     result["wall_time_s"] = time.perf_counter() - t0
-    log("")
-    log(markdown(result))
+    if "device" in result:
+        log("")
+        log(markdown(result))
     log(f"\n(total {result['wall_time_s']:.0f}s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -666,4 +966,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    code = 0 if main().get("step_time") else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is written: skip tearing down the trainers (seconds on a busy machine)
