@@ -9,14 +9,51 @@ import SimpleITK as sitk
 import torch
 
 TRAINER = "nnUNetTrainerSSNetTiny"  # tests/ext_trainers: nnUNetTrainerSSNet with a tiny budget
+ITERS = "10"  # iterations per epoch: 2 + 1 epochs, enough to beat an untrained network clearly
 
 
 def _checkpoint(folder):
     return torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
 
 
+def _mean_foreground_dice(nnenv, dataset_id: int, cases: list[str], weights: dict | None) -> float:
+    """Mean Dice over classes 1, 2 and ``cases`` of nnU-Net's sliding-window prediction with ``weights``.
+
+    ``weights=None``: the network as nnU-Net initialises it (seeded), i.e. untrained.
+    """
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pre = next(nnenv.preprocessed.glob(f"Dataset{dataset_id}_*"))
+    plans = PlansManager(str(pre / "nnUNetPlans.json"))
+    config = plans.get_configuration("2d")
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    heads = plans.get_label_manager(dataset_json).num_segmentation_heads
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(plans, config, 1, heads, enable_deep_supervision=False)
+    if weights is not None:
+        net.load_state_dict(weights)
+    predictor = nnUNetPredictor(
+        use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False
+    )
+    predictor.manual_initialization(net, plans, config, [net.state_dict()], dataset_json, "nnUNetTrainer", None)
+    raw, io = nnenv.raw / pre.name, NaturalImage2DIO()
+    dice = []
+    for case in cases:
+        image, props = io.read_images([str(raw / "imagesTr" / f"{case}_0000.png")])
+        pred = np.asarray(predictor.predict_single_npy_array(image, props)).squeeze()
+        ref = io.read_seg(str(raw / "labelsTr" / f"{case}.png"))[0].squeeze()
+        for c in (1, 2):
+            p, r = pred == c, ref == c
+            if p.any() or r.any():
+                dice.append(2 * (p & r).sum() / (p.sum() + r.sum()))
+    return float(np.mean(dice))
+
+
 def test_ssnet_train_continue_validate_predict(nnenv, semisup2d, tmp_path):
-    nnenv.train(semisup2d, "2d", 0, TRAINER)
+    nnenv.train(semisup2d, "2d", 0, TRAINER, SELFREG_TEST_ITERS=ITERS)
     ds_name = next(nnenv.preprocessed.glob(f"Dataset{semisup2d}_*")).name
     splits = json.loads((nnenv.preprocessed / ds_name / "splits_final.json").read_text())
     unlabeled = {f"scan{i:02d}" for i in range(6)}
@@ -31,8 +68,12 @@ def test_ssnet_train_continue_validate_predict(nnenv, semisup2d, tmp_path):
     ckpt = _checkpoint(fold)
     assert ckpt["trainer_name"] == TRAINER and ckpt["current_epoch"] == 2
     state = ckpt["ssnet"]
-    assert state["iteration"] == 6 and any(k.startswith("projection.") for k in state["heads"])
-    assert len(state["memory"]["bank"]) == 3
+    assert state["iteration"] == 20 and any(k.startswith("projection.") for k in state["heads"])
+    # the memory was filled from correctly predicted labelled foreground (background never)
+    bank = state["memory"]["bank"]
+    assert bank[0] is None
+    filled = [b for b in bank[1:] if b is not None]
+    assert filled and all(2 <= b.shape[0] <= 32 and b.shape[1] == 32 and torch.isfinite(b).all() for b in filled)
     for key in ("ssnet_sup", "ssnet_lds", "ssnet_cs_labeled", "ssnet_cs_unlabeled", "ssnet_weight"):
         values = ckpt["logging"][key]
         assert len(values) == 2 and np.all(np.isfinite(values)), key
@@ -45,11 +86,17 @@ def test_ssnet_train_continue_validate_predict(nnenv, semisup2d, tmp_path):
 
     # continue: heads, memory and the ramp-up go on where they stopped
     heads_before = state["heads"]
-    nnenv.train(semisup2d, "2d", 0, TRAINER, "--c", SELFREG_TEST_EPOCHS="3")
+    nnenv.train(semisup2d, "2d", 0, TRAINER, "--c", SELFREG_TEST_EPOCHS="3", SELFREG_TEST_ITERS=ITERS)
     ckpt = _checkpoint(fold)
-    assert ckpt["current_epoch"] == 3 and ckpt["ssnet"]["iteration"] == 9
+    assert ckpt["current_epoch"] == 3 and ckpt["ssnet"]["iteration"] == 30
     assert len(ckpt["logging"]["ssnet_lds"]) == 3
     assert any(not torch.equal(heads_before[k], v) for k, v in ckpt["ssnet"]["heads"].items()), "heads not trained"
+
+    # the trained network segments the fold's validation cases better than the same network untrained
+    val = splits[0]["val"]
+    trained = _mean_foreground_dice(nnenv, semisup2d, val, ckpt["network_weights"])
+    untrained = _mean_foreground_dice(nnenv, semisup2d, val, None)
+    assert trained > untrained + 0.2, (trained, untrained)
 
     # stock nnUNetv2_predict (loads the network weights strictly)
     inp = tmp_path / "in"
