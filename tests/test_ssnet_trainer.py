@@ -14,6 +14,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_selfreg.data.mixed_batches import MixedBatchDataLoader, stock_forced_foreground
 from nnunet_selfreg.data.semisupervised import SemiSupervisedDataError
+from nnunet_selfreg.losses.vat import VAT_DISTANCES, virtual_adversarial_loss
 from nnunet_selfreg.taps import finest_decoder_stage
 from nnunet_selfreg.trainers import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet, nnUNetTrainerSSNet_FullRampup
 from tests.harness import small_2d_plans
@@ -296,6 +297,27 @@ def test_lds_moves_the_network_gradients(in_process, semisup2d):
     assert lds[0.0] > 0 and lds[1.0] > 0
     diff = max(float((a - b).abs().max()) for a, b in zip(grads[0.0], grads[1.0], strict=True))
     assert diff > 1e-4, f"L_lds did not change any gradient (max difference {diff})"
+
+
+@pytest.mark.parametrize(("distance", "init"), [("soft_dice", "uniform"), ("binary_dice", "gaussian")])
+def test_step_lds_is_the_configured_vat(in_process, semisup2d, distance, init):
+    """The step's L_lds is virtual_adversarial_loss with the trainer's ξ, ε, distance, start and seeded generator."""
+    t = _ready(in_process, semisup2d, ssnet_vat_distance=distance, ssnet_vat_init=init)
+    batch = _batch(t)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return t.network(x)[0]
+
+    with torch.no_grad():
+        p = torch.softmax(logits(batch["data"]), 1)
+    gen = torch.Generator().manual_seed(int(t.ssnet_seed))  # the trainer's generator, not yet used this step
+    expected, _ = virtual_adversarial_loss(
+        logits, logits, batch["data"], p, t.ssnet_vat_xi, t.ssnet_vat_eps, gen, VAT_DISTANCES[distance], init
+    )
+    t.ssnet_tap.pop()
+    out = t.train_step(batch)
+    assert out["ssnet"][1] == pytest.approx(expected.item(), rel=1e-5)
+    t.ssnet_tap.detach()
 
 
 def test_memory_holds_correctly_predicted_labeled_foreground_only(in_process, semisup2d):
