@@ -257,7 +257,7 @@ def build_trainer(setup: Setup, variant: str):
         trainer.initialize()
         trainer.loss.train()  # as on_train_epoch_start leaves it (M2SNet's LossNet counts in training mode only)
         if isinstance(trainer, nnUNetTrainerSelfReg):  # what on_train_start does before the first forward
-            trainer.selfreg_taps.attach(trainer.network, min_channels=2 if trainer.selfreg_use_ifd else 1)
+            trainer.selfreg_taps.attach(trainer.network, min_channels=1)
         if isinstance(trainer, nnUNetTrainerSSNet):
             trainer.ssnet_tap.attach(finest_decoder_stage(trainer.network)[0])
         trainer.network.train()
