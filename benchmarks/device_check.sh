@@ -6,10 +6,12 @@
 # sections run one after the other except the dataset's, so they end by 435 s at the latest):
 #   install  25  pip-installs the Python packages the bare GPU machine lacks from .device_wheels/
 #                (made here by benchmarks/device_wheels.sh; see "Wheels" below) into a folder outside
-#                the checkout; this checkout is imported through PYTHONPATH, our trainers are found
-#                through nnUNet_extTrainer (the wheel's .pth file does that on a normal install).
-#   env      10  torch / CUDA / GPU name, nnunetv2 and our trainers import; the rest is skipped if not.
-#   step_cost_3d_fullres 150, step_cost_2d 85
+#                the checkout (skipped without .device_wheels/ where nnU-Net imports already); this
+#                checkout is imported through PYTHONPATH, our trainers are found through
+#                nnUNet_extTrainer (the wheel's .pth file does that on a normal install).
+#   env      25  torch / CUDA / GPU name, nnunetv2 and our trainers import (the first imports on a fresh
+#                machine compile the carried packages' bytecode); the rest is skipped if they fail.
+#   step_cost_3d_fullres 150, step_cost_2d 75
 #                benchmarks/step_cost.py --device cuda --amp --compile --variants all on nnU-Net's plans
 #                for a 128^3 (3d_fullres, batch 2) and a 512^2 (2d, batch 12) dataset: stock
 #                nnUNetTrainer, SelfReg, SCR-only, IFD-only, SS-Net, M2SNet, M2SNet without LossNet.
@@ -22,7 +24,7 @@
 #   dataset  35  (in the background during step_cost_3d_fullres) a synthetic 3D dataset
 #                (nnunet_selfreg.data.synthetic, 10 cases 16x48x48: a small 4-stage network, quick to
 #                compile), nnUNetv2_plan_and_preprocess 3d_fullres.
-#   train   130  nnUNetv2_train of nnUNetTrainerSelfReg_Budget (3 epochs x 8 iterations, 2 validation
+#   train   125  nnUNetv2_train of nnUNetTrainerSelfReg_Budget (3 epochs x 8 iterations, 2 validation
 #                iterations) with nnUNet_compile=t; its log must show "Using torch.compile" and one
 #                "SelfReg epoch means: ... (8 steps)" line per epoch with finite values: the taps'
 #                hooks fired inside the compiled network (a missed hook raises in the loss).
@@ -96,7 +98,7 @@ if ((DRY_RUN)); then
   export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1
 else
   MODE=device DEADLINE=465 DEVICE=cuda
-  CAP_INSTALL=25 CAP_ENV=10 CAP_STEP3D=150 CAP_STEP2D=85 CAP_DATASET=35 CAP_TRAIN=130 CAP_PREDICT=35
+  CAP_INSTALL=25 CAP_ENV=25 CAP_STEP3D=150 CAP_STEP2D=75 CAP_DATASET=35 CAP_TRAIN=125 CAP_PREDICT=35
   STEP_COMMON=(--device cuda --amp --compile --warmup 2 --steps 10)
   PATCH_3D=() PATCH_2D=()
   N_CASES=10 CASE_SHAPE="16 48 48" N_PROC=8 N_PRED_PROC=2 N_PROC_DA=6 COMPILE=t
@@ -375,10 +377,14 @@ trap 'echo "interrupted"; exit 130' INT TERM
 echo "device_check ($MODE) in $REPO with $PY; output in $OUTDIR; global deadline ${DEADLINE}s"
 if ((DRY_RUN)); then
   skip_section install "dry run: $PY's own packages"
+elif [[ ! -d "$REPO/.device_wheels" ]] && "$PY" -c "import nnunetv2, SimpleITK, blosc2" 2>/dev/null; then
+  skip_section install "no .device_wheels/, and $PY has nnU-Net already (a GPU machine of your own)"
 else
   run_section install "$CAP_INSTALL" bash -c install_wheels
 fi
-if run_section env "$CAP_ENV" bash -c check_env; then
+run_section env "$CAP_ENV" bash -c check_env
+env_rc=$?
+if ((env_rc == 0 || env_rc == 124 || env_rc == 137)); then # a slow first import is no reason to stop
   run_section dataset "$CAP_DATASET" bash -c make_dataset >"$WORK/dataset.log" 2>&1 &
   DATASET_PID=$!
   for config in 3d_fullres 2d; do
