@@ -287,14 +287,3 @@ def test_bad_input_gives_one_line_errors(env, models_2d, tmp_path, capsys):
     assert "no cases in" in error_of(capsys, model, "-i", empty)
     assert "is not a foreground class" in error_of(capsys, model, "-i", cases, "--cam-class", "nope")
     assert "given twice" in error_of(capsys, model, model, "-i", cases)
-
-    plans = json.loads((model / "plans.json").read_text())
-    kwargs = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
-    kwargs["n_blocks_per_stage"] = kwargs.pop("n_conv_per_stage")
-    plans["configurations"]["2d"]["architecture"]["network_class_name"] = (
-        "dynamic_network_architectures.architectures.unet.ResidualUNet"
-    )
-    dataset_json = json.loads((model / "dataset.json").read_text())
-    other = _write_model(tmp_path / "res" / "nnUNetTrainer__nnUNetPlans__2d", plans, dataset_json, "2d")
-    err = error_of(capsys, other, "-i", cases)
-    assert "cannot tap dynamic_network_architectures.architectures.unet.ResidualUNet" in err
