@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from nnunet_selfreg.epoch_stats import EpochStats
 from nnunet_selfreg.losses.selfreg import SelfRegRegularizer
 from nnunet_selfreg.taps import UNetFeatureTaps
 
-#: Order of the per-term sums kept on the device by :class:`RegularisedSegLoss`.
-STAT_KEYS = ("scr", "ifd_enc", "ifd_dec", "reg_weighted", "nonfinite_steps")
+#: the per-step terms :class:`RegularisedSegLoss` sums on the device (then the count of non-finite steps)
+STAT_TERMS = ("scr", "ifd_enc", "ifd_dec", "reg_weighted")
 
 
 class _GradientGate(torch.autograd.Function):
@@ -41,8 +42,9 @@ class RegularisedSegLoss(nn.Module):
     forward's features, so validation losses are the plain segmentation loss, as in the baseline; a
     training-mode forward whose taps are incomplete raises (the regulariser is never skipped
     silently). Per-term sums are accumulated on the
-    device (no host sync per step) and read once per epoch with :meth:`pop_epoch_means`. A
-    non-finite ``L_reg`` is dropped for that step (it contributes 0 and no gradient) and counted.
+    device (no host sync per step) in :attr:`epoch_stats` and read once per epoch (the trainer reduces
+    them over DDP ranks). A non-finite ``L_reg`` is dropped for that step (it contributes 0 and no
+    gradient) and counted.
     """
 
     def __init__(
@@ -61,8 +63,7 @@ class RegularisedSegLoss(nn.Module):
             {k: float(v) for k, v in weight.items()} if isinstance(weight, Mapping) else float(weight)
         )
         self.generator = generator
-        self._sums: Tensor | None = None
-        self._steps = 0
+        self.epoch_stats = EpochStats(STAT_TERMS)
 
     def forward(self, output, target) -> Tensor:
         seg = self.seg_loss(output, target)
@@ -79,35 +80,17 @@ class RegularisedSegLoss(nn.Module):
         finite = torch.isfinite(reg)
         gate.copy_(finite)
         weighted = torch.where(finite, reg, torch.zeros_like(reg))
-        stats = torch.stack(
-            [
-                torch.where(finite, terms["scr"], torch.zeros_like(reg)).detach(),
-                torch.where(finite, terms["ifd_enc"], torch.zeros_like(reg)).detach(),
-                torch.where(finite, terms["ifd_dec"], torch.zeros_like(reg)).detach(),
-                weighted.detach(),
-                (~finite).float(),
-            ]
+        self.epoch_stats.add(
+            {"scr": terms["scr"], "ifd_enc": terms["ifd_enc"], "ifd_dec": terms["ifd_dec"], "reg_weighted": weighted},
+            finite=finite,
         )
-        self._sums = stats if self._sums is None else self._sums + stats
-        self._steps += 1
         return seg + weighted
 
     def pop_epoch_means(self) -> tuple[dict[str, float], int]:
         """Means of each term over the steps since the last call (finite steps only), and steps."""
-        steps = self._steps
-        if self._sums is None or steps == 0:
-            return {k: float("nan") for k in STAT_KEYS[:-1]} | {"nonfinite_steps": 0.0}, 0
-        sums = self._sums.detach().cpu().tolist()
-        self._sums, self._steps = None, 0
-        nonfinite = sums[-1]
-        finite_steps = max(steps - nonfinite, 1.0)
-        means = {k: v / finite_steps for k, v in zip(STAT_KEYS[:-1], sums[:-1], strict=True)}
-        means["nonfinite_steps"] = nonfinite
-        return means, steps
+        result = self.epoch_stats.pop_means()
+        return result.means | {"nonfinite_steps": float(result.nonfinite_steps)}, result.steps
 
     def epoch_sums(self) -> tuple[Tensor | None, int]:
-        """Raw device-side sums and step count (for all-reduce across DDP ranks)."""
-        return self._sums, self._steps
-
-    def set_epoch_sums(self, sums: Tensor | None, steps: int) -> None:
-        self._sums, self._steps = sums, steps
+        """Raw device-side sums (the terms, then the non-finite count) and the step count."""
+        return self.epoch_stats.state()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import isfile
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -35,14 +34,15 @@ from nnunet_selfreg.losses.lossnet import (
 from nnunet_selfreg.losses.structure import StructureLoss
 from nnunet_selfreg.networks.m2snet import build_m2snet
 from nnunet_selfreg.outputs import write_file_atomically
+from nnunet_selfreg.trainers.core import EpochStats, log_epoch_means, register_trainer, validate_weight
 from nnunet_selfreg.trainers.progress import install_extended_logger
-from nnunet_selfreg.trainers.selfreg import validate_weight
 
 LOG_KEY = "m2snet_lossnet"
 #: checkpoint entry recording which LossNet weights the run used (see LossNet.provenance)
 CHECKPOINT_KEY = "m2snet_lossnet"
 
 
+@register_trainer
 class nnUNetTrainerM2SNet(nnUNetTrainer):
     """nnU-Net with M2SNet (Zhao et al., 2023): subtraction-pyramid decoder + 0.1 · LossNet.
 
@@ -245,19 +245,19 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         if isinstance(self.loss, SegLossWithLossNet):
-            if self.is_ddp:
-                total, steps = self.loss.epoch_sum()
-                packed = torch.zeros(2, device=self.device)
-                if total is not None:
-                    packed[0] = total
-                packed[1] = steps
-                dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-                self.loss.set_epoch_sum(packed[0], int(packed[1].item()))
-            mean, steps = self.loss.pop_epoch_mean()
-            self.logger.log(LOG_KEY, mean, self.current_epoch)
-            self.print_to_log_file(
+            # the loss sums its term on the device; the shared accumulator adds up all ranks' sums and steps
+            total, steps = self.loss.epoch_sum()
+            self.loss.set_epoch_sum(None, 0)
+            stats = EpochStats((LOG_KEY,))
+            if total is not None:
+                stats.add_sums({LOG_KEY: total}, steps)
+            result = stats.pop_means(ddp=self.is_ddp, device=self.device)
+            mean = result.means[LOG_KEY]
+            log_epoch_means(
+                self,
+                result.means,
                 f"LossNet epoch mean: {np.round(mean, 6)} (weighted {np.round(self.lossnet_weight * mean, 6)}, "
-                f"{steps} steps)"
+                f"{result.steps} steps)",
             )
         super().on_train_epoch_end(train_outputs)
 
@@ -272,6 +272,7 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
         write_file_atomically(filename, lambda tmp: torch.save(checkpoint, tmp))
 
 
+@register_trainer
 class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
     """Ablation: the M2SNet architecture with nnU-Net's loss only."""
 
@@ -287,6 +288,7 @@ class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
         self.lossnet_weight = 0.0
 
 
+@register_trainer
 class nnUNetTrainerM2SNet_RandomLossNet(nnUNetTrainerM2SNet):
     """M2SNet whose LossNet is a frozen, randomly initialised VGG-16 (seeded): explicitly not the paper's."""
 
@@ -302,6 +304,7 @@ class nnUNetTrainerM2SNet_RandomLossNet(nnUNetTrainerM2SNet):
         self.lossnet_random_init = True
 
 
+@register_trainer
 class nnUNetTrainerM2SNet_StructureLoss(nnUNetTrainerM2SNet):
     """The paper's total loss: structure loss (one-vs-rest, nnU-Net's deep supervision) + 0.1 · LossNet."""
 
@@ -317,6 +320,7 @@ class nnUNetTrainerM2SNet_StructureLoss(nnUNetTrainerM2SNet):
         self.use_structure_loss = True
 
 
+@register_trainer
 class nnUNetTrainerMSNet(nnUNetTrainerM2SNet):
     """MSNet (MICCAI 2021): single-scale subtraction units ``|A − B|``, with 0.1 · LossNet."""
 
@@ -338,6 +342,7 @@ class nnUNetTrainerMSNet(nnUNetTrainerM2SNet):
         )
 
 
+@register_trainer
 class nnUNetTrainerMSNet_RandomLossNet(nnUNetTrainerMSNet):
     """MSNet whose LossNet is a frozen, randomly initialised VGG-16 (seeded): explicitly not the paper's."""
 

@@ -17,6 +17,7 @@ from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import (
     nnUNet_Primus_S_Trainer,
 )
 
+from nnunet_selfreg.trainers.core import register_trainer
 from nnunet_selfreg.trainers.selfreg import SelfRegMixin
 
 #: the paper's λ for its transformer U-Net (Swin-Unet)
@@ -36,17 +37,21 @@ class _PrimusSelfReg(SelfRegMixin):
         self.selfreg_lambda = PRIMUS_LAMBDA
 
 
+@register_trainer
 class nnUNet_Primus_S_TrainerSelfReg(_PrimusSelfReg, nnUNet_Primus_S_Trainer):
     """nnU-Net's Primus-S with SelfReg (λ = 0.010)."""
 
 
+@register_trainer
 class nnUNet_Primus_B_TrainerSelfReg(_PrimusSelfReg, nnUNet_Primus_B_Trainer):
     """nnU-Net's Primus-B with SelfReg (λ = 0.010)."""
 
 
+@register_trainer
 class nnUNet_Primus_M_TrainerSelfReg(_PrimusSelfReg, nnUNet_Primus_M_Trainer):
     """nnU-Net's Primus-M with SelfReg (λ = 0.010)."""
 
 
+@register_trainer
 class nnUNet_Primus_L_TrainerSelfReg(_PrimusSelfReg, nnUNet_Primus_L_Trainer):
     """nnU-Net's Primus-L with SelfReg (λ = 0.010)."""

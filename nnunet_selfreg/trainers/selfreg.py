@@ -8,17 +8,19 @@ its methods run and then hand over to the trainer's with ``super()``.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-import numpy as np
 import torch
-import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_selfreg.losses.objective import STAT_KEYS, RegularisedSegLoss
+from nnunet_selfreg.losses.objective import RegularisedSegLoss
 from nnunet_selfreg.losses.selfreg import SelfRegRegularizer
 from nnunet_selfreg.taps import FeatureTaps, TapPoints, tap_points
+from nnunet_selfreg.trainers.core import (
+    epoch_seed,
+    format_means,
+    log_epoch_means,
+    register_trainer,
+    validate_weight,
+)
 from nnunet_selfreg.trainers.progress import install_extended_logger
 
 _LOG_KEYS = {
@@ -27,21 +29,6 @@ _LOG_KEYS = {
     "ifd_dec": ("selfreg_ifd_dec", "IFD decoder (mean over stages)"),
     "reg_weighted": ("selfreg_weighted", "λ · L_reg (added to the loss)"),
 }
-
-
-def validate_weight(value: Any, name: str) -> float:
-    """A regulariser weight must be a finite real number >= 0 (bool is refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}); set it in __init__")
-    if not math.isfinite(float(value)) or float(value) < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}; set it in your trainer's __init__")
-    return float(value)
-
-
-def epoch_seed(seed: int, fold: int, epoch: int) -> int:
-    """A seed for one epoch of one fold: restarting an epoch (``--c``) redraws the same random numbers."""
-    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(fold), int(epoch)]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class SelfRegMixin:
@@ -161,8 +148,7 @@ class SelfRegMixin:
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
-        # before the first forward, so that a torch.compile-d network traces the hooks
-        self.selfreg_taps.attach(self.network, min_channels=1)
+        self.attach_feature_taps()
         points = self._check_selfreg_network()
         first = self._selfreg_first_student(points)
         weights = self.loss.weight if isinstance(self.loss, RegularisedSegLoss) else {}
@@ -179,6 +165,10 @@ class SelfRegMixin:
         )
         super().on_train_start()
 
+    def attach_feature_taps(self) -> None:
+        # before the first forward, so that a torch.compile-d network traces the hooks
+        self.selfreg_taps.attach(self.network, min_channels=1)
+
     def on_train_end(self):
         super().on_train_end()
         self.selfreg_taps.detach()  # no hook left for the final validation / any later use
@@ -191,8 +181,7 @@ class SelfRegMixin:
         super().on_train_epoch_start()
 
     def _selfreg_epoch_seed(self) -> int:
-        fold = self.fold if isinstance(self.fold, int) else 0
-        return epoch_seed(int(self.selfreg_seed), fold, int(self.current_epoch))
+        return epoch_seed(int(self.selfreg_seed), self.fold, int(self.current_epoch))
 
     # ----------------------------------------------------------------------------- logging
     def on_train_epoch_end(self, train_outputs: list[dict]):
@@ -203,34 +192,21 @@ class SelfRegMixin:
         loss = self.loss
         if not isinstance(loss, RegularisedSegLoss):
             return
-        if self.is_ddp:
-            sums, steps = loss.epoch_sums()
-            packed = torch.zeros(len(STAT_KEYS) + 1, device=self.device)
-            if sums is not None:
-                packed[:-1] = sums
-            packed[-1] = steps
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            loss.set_epoch_sums(packed[:-1], int(packed[-1].item()))
-        means, steps = loss.pop_epoch_means()
+        result = loss.epoch_stats.pop_means(ddp=self.is_ddp, device=self.device)  # all ranks' steps
         keys = self._selfreg_log_keys()
-        for term, (key, _) in _LOG_KEYS.items():
-            if key in keys:
-                self.logger.log(key, means[term], self.current_epoch)
-        parts = [
-            f"{key[len('selfreg_') :]} {np.round(means[term], 6)}"
-            for term, (key, _) in _LOG_KEYS.items()
-            if key in keys
-        ]
-        msg = "SelfReg epoch means: " + ", ".join(parts) + f" ({steps} steps)"
-        if means["nonfinite_steps"]:
-            msg += f"; WARNING: L_reg was non-finite and skipped in {int(means['nonfinite_steps'])} step(s)"
-        self.print_to_log_file(msg)
+        means = {key: result.means[term] for term, (key, _) in _LOG_KEYS.items() if key in keys}
+        msg = f"SelfReg epoch means: {format_means(means, 'selfreg_')} ({result.steps} steps)"
+        if result.nonfinite_steps:
+            msg += f"; WARNING: L_reg was non-finite and skipped in {result.nonfinite_steps} step(s)"
+        log_epoch_means(self, means, msg)
 
 
+@register_trainer(repeats=True)
 class nnUNetTrainerSelfReg(SelfRegMixin, nnUNetTrainer):
     """nnU-Net's default trainer with SelfReg-UNet (see :class:`SelfRegMixin`)."""
 
 
+@register_trainer
 class nnUNetTrainerSelfReg_SCROnly(nnUNetTrainerSelfReg):
     """Ablation: semantic consistency regularisation only."""
 
@@ -246,6 +222,7 @@ class nnUNetTrainerSelfReg_SCROnly(nnUNetTrainerSelfReg):
         self.selfreg_use_ifd = False
 
 
+@register_trainer
 class nnUNetTrainerSelfReg_RelativeLambda(nnUNetTrainerSelfReg):
     """λ relative to ``L_seg`` as in the reference: λ · (weight_ce + weight_dice), i.e. 0.03 with nnU-Net's 1 + 1.
 
@@ -265,6 +242,7 @@ class nnUNetTrainerSelfReg_RelativeLambda(nnUNetTrainerSelfReg):
         self.selfreg_lambda_relative_to_seg = True
 
 
+@register_trainer
 class nnUNetTrainerSelfReg_IFDOnly(nnUNetTrainerSelfReg):
     """Ablation: internal feature distillation only."""
 

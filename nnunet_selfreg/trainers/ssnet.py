@@ -38,10 +38,17 @@ from nnunet_selfreg.losses.schedule import sigmoid_rampup_weight
 from nnunet_selfreg.losses.vat import VAT_DISTANCES, VAT_INITS, frozen_batchnorm_stats, virtual_adversarial_loss
 from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.taps import StageOutputTap, finest_decoder_stage, unwrap_network
+from nnunet_selfreg.trainers.core import (
+    EpochStats,
+    epoch_seed,
+    format_means,
+    log_epoch_means,
+    register_trainer,
+    validate_weight,
+)
 from nnunet_selfreg.trainers.progress import install_extended_logger
-from nnunet_selfreg.trainers.selfreg import epoch_seed, validate_weight
 
-#: per-step terms returned by train_step (epoch means go to the log and progress.png)
+#: per-step terms (train_step returns them under "ssnet"; their epoch means go to the log and progress.png)
 SSNET_TERMS = ("ssnet_sup", "ssnet_lds", "ssnet_cs_labeled", "ssnet_cs_unlabeled", "ssnet_weight")
 _LOG_LABELS = {
     "ssnet_sup": "L_sup (nnU-Net's loss, labelled part)",
@@ -136,6 +143,7 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
     return tr_lab, tr_unl, list(split["val"])
 
 
+@register_trainer
 class nnUNetTrainer_LabeledOnly(nnUNetTrainer):
     """Supervised baseline for a semi-supervised dataset: stock nnU-Net on the labelled training cases.
 
@@ -152,6 +160,7 @@ class nnUNetTrainer_LabeledOnly(nnUNetTrainer):
         return tr_lab, val
 
 
+@register_trainer
 class nnUNetTrainerSSNet(nnUNetTrainer):
     """SS-Net (Wu et al., MICCAI 2022) with nnU-Net's network, loss, data and schedule.
 
@@ -194,6 +203,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         self.ssnet_heads: ClassSeparationHeads | None = None
         self.ssnet_memory: PrototypeMemory | None = None
         self.ssnet_tap = StageOutputTap()
+        self.ssnet_stats = EpochStats(SSNET_TERMS)  # per-term sums of the epoch, on the device
         self._ssnet_keys: tuple[list[str], list[str], list[str]] | None = None
         self._ssnet_dataset_tr = None
         self._ssnet_generator: torch.Generator | None = None
@@ -311,8 +321,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
-        stage, _ = finest_decoder_stage(self.network)
-        self.ssnet_tap.attach(stage)  # before the first forward (torch.compile traces the hook)
+        self.attach_feature_taps()
         super().on_train_start()
         tr_lab, tr_unl, val = self._ssnet_keys
         n_l = self.ssnet_num_labeled
@@ -328,13 +337,16 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             also_print_to_console=True,
         )
 
+    def attach_feature_taps(self) -> None:
+        stage, _ = finest_decoder_stage(self.network)
+        self.ssnet_tap.attach(stage)  # before the first forward (torch.compile traces the hook)
+
     def on_train_end(self):
         super().on_train_end()
         self.ssnet_tap.detach()
 
     def on_train_epoch_start(self):
-        fold = self.fold if isinstance(self.fold, int) else 0
-        self._ssnet_generator.manual_seed(epoch_seed(int(self.ssnet_seed), fold, int(self.current_epoch)))
+        self._ssnet_generator.manual_seed(epoch_seed(int(self.ssnet_seed), self.fold, int(self.current_epoch)))
         self._ssnet_step = 0
         super().on_train_epoch_start()
 
@@ -479,22 +491,15 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             self.optimizer.step()
         self._ssnet_step += 1
         terms = torch.stack([l_sup.detach().float(), l_lds.detach(), cs_l.detach(), cs_u.detach()])
+        self.ssnet_stats.add(dict(zip(SSNET_TERMS, [*terms, w], strict=True)))
         terms = terms.cpu().numpy()
         total = terms[0] + w * (terms[1] + float(self.ssnet_cs_weight) * (terms[2] + terms[3]))
         return {"loss": np.float32(total), "ssnet": np.append(terms, w).astype(np.float64)}
 
     # ----------------------------------------------------------------------------- logging
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        terms = np.stack([o["ssnet"] for o in train_outputs])
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, terms)
-            terms = np.concatenate(gathered)
-        means = terms.mean(axis=0)
-        pairs = list(zip(SSNET_TERMS, means, strict=True))
-        for key, value in pairs:
-            self.logger.log(key, float(value), self.current_epoch)
-        self.print_to_log_file("SS-Net epoch means: " + ", ".join(f"{k[6:]} {np.round(v, 6)}" for k, v in pairs))
+        means = self.ssnet_stats.pop_means(ddp=self.is_ddp, device=self.device).means  # over all ranks' steps
+        log_epoch_means(self, means, f"SS-Net epoch means: {format_means(means, 'ssnet_')}")
         super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -531,6 +536,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         self.ssnet_memory.load_state_dict(state["memory"], device=self.device)
 
 
+@register_trainer
 class nnUNetTrainerSSNet_FullRampup(nnUNetTrainerSSNet):
     """SS-Net whose ramp-up spans the whole run, whatever its length.
 
