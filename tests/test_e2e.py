@@ -21,7 +21,10 @@ def test_2d_train_continue_validate_predict(nnenv, ds2d, tmp_path):
     model = nnenv.model_folder(ds2d, TRAINER, "2d")
     fold = model / "fold_0"
     log = next(fold.glob("training_log_*.txt")).read_text()
-    assert "SelfReg: lambda=0.015, SCR=on, IFD=on" in log
+    line = next(ln for ln in log.splitlines() if "SelfReg: lambda=" in ln)
+    assert "SelfReg: lambda=0.015 -> effective weights {'scr': 0.015, 'ifd_enc': 0.015, 'ifd_dec': 0.015}" in line
+    assert "SCR=on, IFD=on (detach first half: False)" in line
+    assert "network PlainConvUNet: students e_2..e_" in line and "teacher F_final = d_" in line
     assert log.count("SelfReg epoch means: scr") == 2
     ckpt = _checkpoint(fold)
     assert ckpt["trainer_name"] == TRAINER and ckpt["current_epoch"] == 2
