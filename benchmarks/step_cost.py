@@ -9,9 +9,10 @@ Dice+CE with deep supervision, plus the method's terms) on identical synthetic b
 alternate step by step in one process (rotating the order every round), so a shared or throttled
 machine slows all of them alike.
 
-M2SNet is timed with a randomly initialised LossNet (``nnUNetTrainerM2SNet_RandomLossNet`` where that
-trainer exists, else ``nnUNetTrainerM2SNet`` without a weights file): the same VGG-16 layers and
-input size as the ImageNet LossNet, so the same cost, and no weights file is needed.
+M2SNet is timed with a randomly initialised LossNet (``nnUNetTrainerM2SNet_RandomLossNet``, the
+explicit fallback trainer; ``nnUNetTrainerM2SNet`` itself stops without a VGG-16 weights file): the
+same VGG-16 layers and input size as the ImageNet LossNet, so the same cost, and no weights file is
+needed.
 
 Peak memory comes from a fresh ``spawn`` child per variant (CPU: increase of the peak RSS over
 the steps; CUDA: ``torch.cuda.max_memory_allocated``). On CUDA every timed step also records, in
@@ -76,8 +77,6 @@ TRAINER_NAMES = {
     "M2SNet": "nnUNetTrainerM2SNet_RandomLossNet",  # random VGG-16 LossNet: the ImageNet one's cost, no file
     "M2SNetNoLossNet": "nnUNetTrainerM2SNet_NoLossNet",
 }
-# used where the preferred trainer does not exist (yet): without a weights file it builds a random LossNet too
-FALLBACK_TRAINER_NAMES = {"M2SNet": "nnUNetTrainerM2SNet"}
 
 
 @dataclass(frozen=True)
@@ -211,21 +210,17 @@ class Setup:
 
 
 def trainer_class(variant: str) -> type:
-    """The trainer class timed as ``variant`` (see ``TRAINER_NAMES`` / ``FALLBACK_TRAINER_NAMES``)."""
+    """The trainer class timed as ``variant`` (see ``TRAINER_NAMES``): the stock one or one we export."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     import nnunet_selfreg.trainers as trainers
-    from nnunet_selfreg.trainers import m2snet
 
-    if variant == "nnUNetTrainer":
+    name = TRAINER_NAMES[variant]
+    if name == nnUNetTrainer.__name__:
         return nnUNetTrainer
-    names = [TRAINER_NAMES[variant], FALLBACK_TRAINER_NAMES.get(variant)]
-    for name in filter(None, names):
-        for module in (trainers, m2snet):
-            cls = getattr(module, name, None)
-            if isinstance(cls, type):
-                return cls
-    raise LookupError(f"none of the trainers {[n for n in names if n]} exists in nnunet_selfreg.trainers")
+    if name not in trainers.__all__:
+        raise LookupError(f"the trainer {name} does not exist in nnunet_selfreg.trainers")
+    return getattr(trainers, name)
 
 
 def trainer_name(variant: str) -> str:
@@ -237,9 +232,7 @@ def trainer_name(variant: str) -> str:
 
 def build_trainer(setup: Setup, variant: str):
     """A trainer after ``initialize()`` with its taps attached, as ``on_train_start`` leaves it."""
-    from nnunet_selfreg.taps import finest_decoder_stage
-    from nnunet_selfreg.trainers.selfreg import nnUNetTrainerSelfReg
-    from nnunet_selfreg.trainers.ssnet import nnUNetTrainerSSNet
+    from nnunet_selfreg.trainers.core import attach_feature_taps
 
     plans = deepcopy(setup.plans)
     plans["continue_training"] = False
@@ -256,10 +249,7 @@ def build_trainer(setup: Setup, variant: str):
         torch.manual_seed(setup.seed)  # identical initial weights in every variant
         trainer.initialize()
         trainer.loss.train()  # as on_train_epoch_start leaves it (M2SNet's LossNet counts in training mode only)
-        if isinstance(trainer, nnUNetTrainerSelfReg):  # what on_train_start does before the first forward
-            trainer.selfreg_taps.attach(trainer.network, min_channels=1)
-        if isinstance(trainer, nnUNetTrainerSSNet):
-            trainer.ssnet_tap.attach(finest_decoder_stage(trainer.network)[0])
+        attach_feature_taps(trainer)  # the hooks on_train_start attaches before the first forward, if any
         trainer.network.train()
     return trainer
 
