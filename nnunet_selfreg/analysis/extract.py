@@ -34,9 +34,9 @@ from nnunet_selfreg.analysis.metrics import (
     effective_rank_of_covariance,
     mean_abs_correlation_of_covariance,
 )
+from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.losses.selfreg import pool_to_common_size, semantic_consistency_loss
 from nnunet_selfreg.taps import UNetFeatureTaps, UnsupportedArchitectureError, check_tappable, unwrap_network
-from nnunet_selfreg.tools.main import UserError
 
 #: random channel pairings averaged per case for the SCR distance (the loss draws one per step)
 SCR_DRAWS = 16

@@ -10,12 +10,12 @@ import argparse
 import importlib
 import sys
 
+from nnunet_selfreg.errors import UserError
+
+__all__ = ["TOOLS", "UserError", "build_parser", "main"]
+
 #: sub-command modules, in the order ``--help`` lists them
 TOOLS = ("demo", "compare", "doctor", "export_stock", "add_unlabeled", "analyze")
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one clear line, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
