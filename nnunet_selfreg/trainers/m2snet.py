@@ -244,22 +244,26 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
         self.loss.eval()  # validation loss = the segmentation loss only, comparable with the baseline
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        if isinstance(self.loss, SegLossWithLossNet):
-            # the loss sums its term on the device; the shared accumulator adds up all ranks' sums and steps
-            total, steps = self.loss.epoch_sum()
-            self.loss.set_epoch_sum(None, 0)
-            stats = EpochStats((LOG_KEY,))
-            if total is not None:
-                stats.add_sums({LOG_KEY: total}, steps)
-            result = stats.pop_means(ddp=self.is_ddp, device=self.device)
-            mean = result.means[LOG_KEY]
-            log_epoch_means(
-                self,
-                result.means,
-                f"LossNet epoch mean: {np.round(mean, 6)} (weighted {np.round(self.lossnet_weight * mean, 6)}, "
-                f"{result.steps} steps)",
-            )
+        self._log_lossnet_epoch()
         super().on_train_epoch_end(train_outputs)
+
+    def _log_lossnet_epoch(self) -> None:
+        if not isinstance(self.loss, SegLossWithLossNet):
+            return
+        # the loss sums its term on the device; the shared accumulator adds up all ranks' sums and steps
+        total, steps = self.loss.epoch_sum()
+        self.loss.set_epoch_sum(None, 0)
+        stats = EpochStats((LOG_KEY,))
+        if total is not None:
+            stats.add_sums({LOG_KEY: total}, steps)
+        result = stats.pop_means(ddp=self.is_ddp, device=self.device)
+        mean = result.means[LOG_KEY]
+        log_epoch_means(
+            self,
+            result.means,
+            f"LossNet epoch mean: {np.round(mean, 6)} (weighted {np.round(self.lossnet_weight * mean, 6)}, "
+            f"{result.steps} steps)",
+        )
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:

@@ -498,9 +498,12 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
 
     # ----------------------------------------------------------------------------- logging
     def on_train_epoch_end(self, train_outputs: list[dict]):
+        self._log_ssnet_epoch()
+        super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
+
+    def _log_ssnet_epoch(self) -> None:
         means = self.ssnet_stats.pop_means(ddp=self.is_ddp, device=self.device).means  # over all ranks' steps
         log_epoch_means(self, means, f"SS-Net epoch means: {format_means(means, 'ssnet_')}")
-        super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
 
     # ----------------------------------------------------------------------------- checkpoints
     def ssnet_state(self) -> dict:
