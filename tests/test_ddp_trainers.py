@@ -23,8 +23,9 @@ What differs from a GPU run, and only because there is no GPU:
 - ``run_ddp`` (``torch.cuda.set_device``, ``MASTER_ADDR``/``MASTER_PORT``, ``mp.spawn``) is replaced by
   a file-based ``init_process_group("gloo")`` in forked processes; nnU-Net reads the rank from
   ``torch.distributed`` only (no ``LOCAL_RANK`` variable). Spawned interpreters would start with
-  torch's fixed default seed and OS-seeded numpy/random: the forked ranks get one torch seed and a
-  numpy/random seed each, so network initialisation matches and the data differ, as in a real run.
+  torch's fixed default seed and OS-seeded numpy/random; here each forked rank gets its *own* torch
+  and numpy/random seeds, stricter than a real run: the ranks must still start from identical weights
+  (DDP broadcasts the network, the SS-Net trainer its heads) and draw different data.
 - The plans are shrunk (32x32 patches, a 4-stage network of 4..16 channels, a global batch of 4, so
   2 patches per rank) and LossNet's input is 32x32 instead of 224x224 (CPU time).
 - The splits file of the stock-split dataset is written before the ranks start (nnU-Net's
@@ -61,7 +62,7 @@ WORLD = 2
 GLOBAL_BATCH = 4  # nnU-Net splits it over the ranks: 2 patches each (SS-Net: 1 labelled + 1 unlabelled)
 ITERS = 2
 FOLD = 0
-TORCH_SEED = 0  # the same on every rank, as torch's default seed in freshly spawned interpreters
+TORCH_SEED = 0  # + rank: initialisation differs per rank until DDP / the trainer broadcast rank 0's weights
 DATA_SEED = 100  # + rank: numpy / random draw each rank's own batches
 
 #: method -> (trainer class, dataset fixture, attributes set after construction, logged term keys)
@@ -123,7 +124,7 @@ def _train_on_rank(rank: int, method: str, preprocessed: str) -> dict:
 
     cls_name, _, attrs, _ = METHODS[method]
     nnunet_trainer_module.DDP = _ddp_without_device_ids
-    torch.manual_seed(TORCH_SEED)
+    torch.manual_seed(TORCH_SEED + rank)
     np.random.seed(DATA_SEED + rank)
     random.seed(DATA_SEED + rank)
 

@@ -265,6 +265,11 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         _, channels = finest_decoder_stage(self.network)
         num_classes = self.label_manager.num_segmentation_heads
         self.ssnet_heads = ClassSeparationHeads(channels, num_classes, int(self.ssnet_head_dim)).to(self.device)
+        if self.is_ddp:
+            # the heads live outside DDP, which broadcasts only the network: start every rank from rank
+            # 0's heads, whatever random state each rank had when it built them
+            for tensor in (*self.ssnet_heads.parameters(), *self.ssnet_heads.buffers()):
+                dist.broadcast(tensor.data, src=0)
         self.ssnet_memory = PrototypeMemory(num_classes, int(self.ssnet_memory_size), keep=self.ssnet_memory_keep)
         optimizer.add_param_group({"params": list(self.ssnet_heads.parameters())})
         return optimizer, lr_scheduler
