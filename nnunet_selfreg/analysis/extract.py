@@ -36,6 +36,7 @@ from nnunet_selfreg.analysis.metrics import (
 )
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.losses.selfreg import pool_to_common_size, semantic_consistency_loss
+from nnunet_selfreg.nnunet_folders import MODEL_FOLDER_LAYOUT, fold_folder, fold_folders, parse_model_folder_name
 from nnunet_selfreg.taps import UNetFeatureTaps, UnsupportedArchitectureError, check_tappable, unwrap_network
 
 #: random channel pairings averaged per case for the SCR distance (the loss draws one per step)
@@ -44,7 +45,6 @@ SCR_DRAWS = 16
 SEED = 0
 
 _CASE_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
 
 
 class AnalyzeInputError(UserError):
@@ -126,17 +126,17 @@ def parse_fold(text: str) -> str:
 
 def check_model_folder(folder: Path, fold: str, checkpoint: str) -> Path:
     """The checkpoint file of a trained model folder, or a clear :class:`AnalyzeInputError`."""
-    layout = "nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION"
+    layout = MODEL_FOLDER_LAYOUT
     if not folder.exists():
         raise AnalyzeInputError(f"model folder {folder} does not exist (expected {layout})")
     if not folder.is_dir():
         raise AnalyzeInputError(f"{folder} is not a folder: give a trained model folder ({layout})")
     missing = [f for f in ("plans.json", "dataset.json") if not (folder / f).is_file()]
-    folds = sorted(p.name for p in folder.iterdir() if p.is_dir() and _FOLD_DIR.match(p.name))
+    folds = [p.name for p in fold_folders(folder)]
     if missing or not folds:
         what = " and ".join(missing) if missing else "fold_X folders"
         raise AnalyzeInputError(f"{folder} is not a trained nnU-Net model folder: it has no {what} (expected {layout})")
-    fold_dir = folder / f"fold_{fold}"
+    fold_dir = fold_folder(folder, fold)
     if not fold_dir.is_dir():
         raise AnalyzeInputError(f"{folder} has no fold_{fold} (it has {', '.join(folds)}): choose one with -f")
     ckpt = fold_dir / checkpoint
@@ -162,8 +162,8 @@ def load_model(folder: Path, fold: str, checkpoint: str, device: torch.device) -
     ckpt = check_model_folder(folder, fold, checkpoint)
     plans = _read_json(folder / "plans.json")
     dataset_json = _read_json(folder / "dataset.json")
-    parts = folder.name.split("__")
-    trainer, plans_id, configuration = parts if len(parts) == 3 else (folder.name, plans.get("plans_name", "?"), "?")
+    parts = parse_model_folder_name(folder.name)
+    trainer, plans_id, configuration = parts or (folder.name, plans.get("plans_name", "?"), "?")
     log = io.StringIO()  # nnU-Net prints its trainer search and device notes: keep our progress readable
     try:
         with contextlib.redirect_stdout(log):

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+# find_free_dataset_id is re-exported: it was defined here before the folder conventions got their own module
+from nnunet_selfreg.nnunet_folders import dataset_folder_name, dataset_folders_with_id
+from nnunet_selfreg.nnunet_folders import find_free_dataset_id as find_free_dataset_id
 
 STARDIST_VERSION = "0.9.2"
 STARDIST_PLATFORM = "manylinux_2_28_x86_64"  # one pinned tag; the data files are the same in every wheel
@@ -45,7 +48,6 @@ LABEL_MODES = {
     "boundary": {"background": 0, "nucleus_interior": 1, "nucleus_boundary": 2},
     "binary": {"background": 0, "nucleus": 1},
 }
-_DATASET_DIR = re.compile(r"^Dataset(\d{3})_")
 
 
 class WheelDownloadError(RuntimeError):
@@ -187,26 +189,14 @@ def tile_slices(shape: tuple[int, int], grid: int) -> list[tuple[int, int, slice
     return [(r, c, slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw)) for r in range(grid) for c in range(grid)]
 
 
-def find_free_dataset_id(*roots: Path, start: int = 950) -> int:
-    """Smallest id >= ``start`` not used by a ``DatasetXXX_*`` folder in any of ``roots``."""
-    used = set()
-    for root in roots:
-        if root is not None and Path(root).is_dir():
-            used |= {int(m.group(1)) for p in Path(root).iterdir() if (m := _DATASET_DIR.match(p.name))}
-    for candidate in range(max(start, 1), 1000):
-        if candidate not in used:
-            return candidate
-    raise RuntimeError(f"no free nnU-Net dataset id in [{start}, 999]")
-
-
 def _refuse_existing(raw_root: Path, dataset_id: int) -> None:
     if not 1 <= dataset_id <= 999:
         raise ValueError(f"nnU-Net dataset ids have three digits (1..999), got {dataset_id}")
-    existing = sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*")) if raw_root.is_dir() else []
+    existing = dataset_folders_with_id(raw_root, dataset_id)
     if existing:
         raise FileExistsError(
             f"{existing[0]} exists already; nothing was written. Pick a free id "
-            f"(nnunet_selfreg.data.dsb2018.find_free_dataset_id(nnUNet_raw, nnUNet_preprocessed, "
+            f"(nnunet_selfreg.nnunet_folders.find_free_dataset_id(nnUNet_raw, nnUNet_preprocessed, "
             f"nnUNet_results)) or delete that folder yourself if you mean to rebuild it."
         )
 
@@ -357,7 +347,7 @@ def make_dsb2018_dataset(
             ) from err
         print(f"[dsb2018] pip error: {err}")
         return _write_fallback(raw_root, dataset_id, grid, tile)
-    folder = raw_root / f"Dataset{dataset_id:03d}_{DATASET_NAME}"
+    folder = raw_root / dataset_folder_name(dataset_id, DATASET_NAME)
     try:
         num_cases, tile = _write_real_dataset(folder, wheel, grid, labels)
     except BaseException:

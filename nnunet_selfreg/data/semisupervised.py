@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_selfreg.nnunet_folders import dataset_folder_name, dataset_folders_with_id, parse_dataset_folder_name
+
 SEMISUPERVISED_KEY = "nnunet_selfreg"
 README_NAME = "README_semisupervised.txt"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_DATASET_DIR = re.compile(r"^Dataset(\d{3})_(.+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SAFE_PREFIX = re.compile(r"^[A-Za-z0-9_.-]*$")
 _TIFF_ENDINGS = (".tif", ".tiff")
@@ -348,16 +349,16 @@ def build_semi_supervised_dataset(
     labels = _label_values(src_json["labels"])
     n_channels = _num_channels(src_json)
 
-    m = _DATASET_DIR.match(source.name)
-    name = name if name is not None else f"{m.group(2) if m else source.name}SemiSup"
+    parsed = parse_dataset_folder_name(source.name)
+    name = name if name is not None else f"{parsed[1] if parsed and parsed[1] else source.name}SemiSup"
     if not _SAFE_NAME.match(name):
         raise SemiSupervisedDataError(f"dataset name {name!r} is not usable: use letters, digits, '_', '-', '.'")
     if not _SAFE_PREFIX.match(prefix):
         raise SemiSupervisedDataError(f"prefix {prefix!r} is not usable: use letters, digits, '_', '-', '.'")
     if not isinstance(dataset_id, int) or not 1 <= dataset_id <= 999:
         raise SemiSupervisedDataError(f"nnU-Net dataset ids have three digits (1..999), got {dataset_id}")
-    target = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    used = sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*")) if raw_root.is_dir() else []
+    target = raw_root / dataset_folder_name(dataset_id, name)
+    used = dataset_folders_with_id(raw_root, dataset_id)
     if target.exists() or used:
         raise SemiSupervisedDataError(
             f"{used[0] if used else target} exists already; nothing was written. Choose a free dataset id "
@@ -490,7 +491,7 @@ def build_semi_supervised_dataset(
                 "score predictions of those cases against them, e.g. with nnUNetv2_evaluate_folder.\n"
             )
         (tmp / README_NAME).write_text(readme)
-        if target.exists() or any(raw_root.glob(f"Dataset{dataset_id:03d}_*")):
+        if target.exists() or dataset_folders_with_id(raw_root, dataset_id):
             raise SemiSupervisedDataError(f"{target} appeared while it was being written; nothing was overwritten")
         os.rename(tmp, target)
     except OSError as e:

@@ -21,6 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_selfreg import nnunet_folders
+from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.nnunet_folders import (
+    env_folder,
+    fold_folder,
+    model_folder_name,
+    parse_model_folder_name,
+    require_env_folder,
+)
+
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 FOLDS_LAYOUT = "folds"
 MERGED_LAYOUT = "merged"
@@ -29,7 +39,7 @@ SUMMARY_METRICS = ("Dice", "IoU", "n_ref", "n_pred")
 _MEAN_TOLERANCE = 1e-6
 
 
-class CompareInputError(ValueError):
+class CompareInputError(UserError, ValueError):
     """Bad or inconsistent input; the message says what is wrong and what to do."""
 
 
@@ -94,26 +104,9 @@ class Comparison:
 # --------------------------------------------------------------------------- folders
 
 
-def _env_folder(var: str) -> Path | None:
-    value = os.environ.get(var)
-    return Path(value) if value else None
-
-
 def resolve_dataset(dataset: str) -> str:
     """Dataset id or name -> ``DatasetXXX_Name`` (nnU-Net's own lookup)."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CompareInputError(f"dataset {dataset!r} not found: {first}") from None
-
-
-def split_model_folder_name(name: str) -> tuple[str, str, str] | None:
-    """``Trainer__Plans__config`` -> its three parts, else None."""
-    parts = name.split("__")
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+    return nnunet_folders.resolve_dataset(dataset, CompareInputError)
 
 
 def _fold_dirs(folder: Path) -> list[Path]:
@@ -122,7 +115,7 @@ def _fold_dirs(folder: Path) -> list[Path]:
 
 def locate_model(dataset_folder: Path, entry: str, plans_identifier: str, configuration: str) -> ModelResults:
     """Find the results folder of a ``-tr`` entry: a trainer name, or a folder under ``dataset_folder``."""
-    standard = dataset_folder / f"{entry}__{plans_identifier}__{configuration}"
+    standard = dataset_folder / model_folder_name(entry, plans_identifier, configuration)
     direct = dataset_folder / entry
     if standard.is_dir():
         folder, trainer, plans_id, config = standard, entry, plans_identifier, configuration
@@ -130,7 +123,7 @@ def locate_model(dataset_folder: Path, entry: str, plans_identifier: str, config
         if not direct.is_dir():
             raise CompareInputError(f"{entry!r}: no such folder {direct}{_available(dataset_folder)}")
         folder = direct
-        trainer, plans_id, config = split_model_folder_name(direct.name) or (None, None, None)
+        trainer, plans_id, config = parse_model_folder_name(direct.name) or (None, None, None)
     else:
         raise CompareInputError(
             f"no results for trainer {entry!r}: {standard} does not exist. Train it with "
@@ -335,7 +328,7 @@ def label_keys(model: ModelResults) -> tuple[list[str], dict[str, str], int | No
 
 def missing_fold_message(model: ModelResults, fold: int, dataset: str) -> str:
     """Why fold ``fold`` of ``model`` has no validation summary, and the command that produces it."""
-    fold_dir = model.folder / f"fold_{fold}"
+    fold_dir = fold_folder(model.folder, fold)
     cmd = f"nnUNetv2_train {dataset} {model.configuration} {fold} -tr {model.trainer} -p {model.plans_identifier}"
     if model.trainer is None:
         return f"{model.name} lacks fold {fold} ({fold_dir}/validation/summary.json does not exist)"
@@ -350,7 +343,7 @@ def _load_models(models: list[ModelResults], folds: list[int], labels: list[str]
         for m in models
         if m.layout == FOLDS_LAYOUT
         for f in folds
-        if not (m.folder / f"fold_{f}" / "validation" / "summary.json").is_file()
+        if not (fold_folder(m.folder, f) / "validation" / "summary.json").is_file()
     ]
     if missing:
         raise CompareInputError("missing folds: " + "; ".join(missing))
@@ -359,7 +352,8 @@ def _load_models(models: list[ModelResults], folds: list[int], labels: list[str]
             m.cases = load_summary(m.folder / "summary.json", m.file_ending, labels, None)
             continue
         for f in folds:
-            fold_cases = load_summary(m.folder / f"fold_{f}" / "validation" / "summary.json", m.file_ending, labels, f)
+            summary = fold_folder(m.folder, f) / "validation" / "summary.json"
+            fold_cases = load_summary(summary, m.file_ending, labels, f)
             twice = sorted(set(fold_cases) & set(m.cases))
             if twice:
                 raise CompareInputError(
@@ -512,14 +506,12 @@ def load_comparison(
     folds: list[int] | tuple[int, ...] = DEFAULT_FOLDS,
 ) -> Comparison:
     """Locate, validate and pair the validation results of ``entries`` (the first is the baseline)."""
-    results_root = _env_folder("nnUNet_results")
-    if results_root is None:
-        raise CompareInputError("nnUNet_results is not set: export it (see nnU-Net's setting_up_paths.md)")
+    results_root = require_env_folder("nnUNet_results", CompareInputError)
     name = resolve_dataset(dataset)
     dataset_folder = results_root / name
     if not dataset_folder.is_dir():
         raise CompareInputError(f"no results for {name}: {dataset_folder} does not exist")
-    preprocessed_root = _env_folder("nnUNet_preprocessed")
+    preprocessed_root = env_folder("nnUNet_preprocessed")
     preprocessed = preprocessed_root / name if preprocessed_root else None
     models = [locate_model(dataset_folder, e, plans_identifier, configuration) for e in entries]
     labels, label_names, ignore_label = label_keys(models[0])

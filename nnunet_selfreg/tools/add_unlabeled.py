@@ -8,10 +8,16 @@ standard ``nnUNetv2_plan_and_preprocess`` handles the new dataset and ``nnUNetTr
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from nnunet_selfreg.tools.main import UserError
+from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.nnunet_folders import (
+    dataset_folders_with_id,
+    env_folder,
+    find_free_dataset_id,
+    require_env_folder,
+    resolve_dataset,
+)
 
 DESCRIPTION = (
     "Write a new dataset in $nnUNet_raw: the labelled dataset SOURCE (copied unchanged) plus the images of "
@@ -23,18 +29,8 @@ DESCRIPTION = (
 )
 
 
-def _env_path(var: str) -> Path | None:
-    value = os.environ.get(var)
-    return Path(value) if value else None
-
-
 def _source_folder(raw: Path, source: str) -> Path:
-    from nnunet_selfreg.evaluation.results import CompareInputError, resolve_dataset
-
-    try:
-        name = resolve_dataset(source)
-    except CompareInputError as e:
-        raise UserError(str(e)) from None
+    name = resolve_dataset(source)
     folder = raw / name
     if not folder.is_dir():
         raise UserError(f"dataset {source!r} ({name}) is not in nnUNet_raw={raw}: it needs its raw folder there")
@@ -42,12 +38,10 @@ def _source_folder(raw: Path, source: str) -> Path:
 
 
 def _id_users(dataset_id: int, *roots: Path | None) -> list[Path]:
-    return sorted(p for r in roots if r is not None and r.is_dir() for p in r.glob(f"Dataset{dataset_id:03d}_*"))
+    return sorted(p for r in roots for p in dataset_folders_with_id(r, dataset_id))
 
 
 def _new_id(requested: int | None, source_id: int, raw: Path, preprocessed: Path | None, results: Path | None) -> int:
-    from nnunet_selfreg.data.dsb2018 import find_free_dataset_id
-
     if requested is None:
         try:
             return find_free_dataset_id(raw, preprocessed, results, start=source_id + 1)
@@ -79,10 +73,8 @@ def run(args: argparse.Namespace) -> int:
         ignore_label_value,
     )
 
-    raw = _env_path("nnUNet_raw")
-    if raw is None:
-        raise UserError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (the folder with DatasetXXX_*)")
-    preprocessed, results = _env_path("nnUNet_preprocessed"), _env_path("nnUNet_results")
+    raw = require_env_folder("nnUNet_raw")
+    preprocessed, results = env_folder("nnUNet_preprocessed"), env_folder("nnUNet_results")
     source = _source_folder(raw, args.dataset)
     new_id = _new_id(args.new_id, convert_dataset_name_to_id(source.name), raw, preprocessed, results)
     if args.unlabeled is None and args.keep_labels is None:

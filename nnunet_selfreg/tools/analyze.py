@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from nnunet_selfreg.tools.main import UserError
+from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.nnunet_folders import parse_model_folder_name
 
 DESCRIPTION = """\
 Load trained nnU-Net model folders (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG, any trainer whose
@@ -86,8 +87,8 @@ def default_output(model_folder: Path) -> Path:
         dataset = json.loads((model_folder / "plans.json").read_text())["dataset_name"]
     except (OSError, ValueError, KeyError, TypeError):
         dataset = model_folder.parent.name
-    parts = model_folder.name.split("__")
-    configuration = parts[2] if len(parts) == 3 else model_folder.name
+    parts = parse_model_folder_name(model_folder.name)
+    configuration = parts[2] if parts else model_folder.name
     return Path.cwd() / re.sub(r"[^A-Za-z0-9._-]+", "-", f"analysis_{dataset}_{configuration}")
 
 

@@ -9,8 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.evaluation.results import DEFAULT_FOLDS, CompareInputError, Comparison
-from nnunet_selfreg.tools.main import UserError
 
 DESCRIPTION = """\
 Compare nnU-Net trainers on their cross-validation results, case by case. The first -tr is the baseline.

@@ -17,7 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_selfreg.tools.main import UserError
+from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.nnunet_folders import (
+    ENV_VARS,
+    dataset_folders_with_id,
+    find_free_dataset_id,
+    fold_folder,
+    model_folder_name,
+)
 
 DEFAULT_TRAINERS = ("nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget")
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
@@ -32,7 +39,7 @@ DEFAULT_BUDGETS = {
     "dsb2018": (DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_VAL_ITERATIONS),
     "inia19": (4, 10, 2),
 }
-NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+NNUNET_VARS = ENV_VARS
 
 
 @dataclass
@@ -81,10 +88,6 @@ def setup_folders(workdir: Path) -> Folders:
     return folders
 
 
-def _dataset_folders(root: Path, dataset_id: int) -> list[Path]:
-    return sorted(root.glob(f"Dataset{dataset_id:03d}_*")) if root.is_dir() else []
-
-
 def _is_demo_dataset(folder: Path, dataset: str = "dsb2018") -> bool:
     from nnunet_selfreg.data import dsb2018, inia19
 
@@ -121,16 +124,16 @@ def prepare_dataset(
             _check_labels(existing[0], labels)
             _say(f"reusing the demo dataset {existing[0]}")
             return existing[0]
-        dataset_id = dsb2018.find_free_dataset_id(*roots)
+        dataset_id = find_free_dataset_id(*roots)
     else:
-        taken = [f for root in roots for f in _dataset_folders(root, dataset_id)]
-        raw_match = _dataset_folders(folders.raw, dataset_id)
+        taken = [f for root in roots for f in dataset_folders_with_id(root, dataset_id)]
+        raw_match = dataset_folders_with_id(folders.raw, dataset_id)
         if raw_match and _is_demo_dataset(raw_match[0], dataset):
             _check_labels(raw_match[0], labels)
             _say(f"reusing the demo dataset {raw_match[0]}")
             return raw_match[0]
         if taken:
-            free = dsb2018.find_free_dataset_id(*roots)
+            free = find_free_dataset_id(*roots)
             raise UserError(f"dataset id {dataset_id} is already taken by {taken[0]}; use --dataset-id {free}")
     if dataset == "inia19":
         from nnunet_selfreg.data import inia19
@@ -190,12 +193,14 @@ def _run_logged(cmd: list[str], env: dict[str, str], log: Path, show: tuple[str,
 
 
 def preprocess(dataset: Path, folders: Folders, env: dict[str, str], logs: Path, configuration: str = "2d") -> None:
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
     target = folders.preprocessed / dataset.name
     if (target / "nnUNetPlans.json").is_file() and (target / f"nnUNetPlans_{configuration}").is_dir():
         _say(f"reusing the preprocessed data in {target}")
         return
     _say(f"planning and preprocessing with nnUNetv2_plan_and_preprocess ({configuration})")
-    dataset_id = dataset.name[len("Dataset") : len("Dataset") + 3]
+    dataset_id = f"{convert_dataset_name_to_id(dataset.name):03d}"
     cmd = [
         _bin("nnUNetv2_plan_and_preprocess"),
         "-d",
@@ -243,7 +248,8 @@ def train_all(
     runs = [(t, f) for f in folds for t in trainers]
     started, trained = time.time(), 0
     for i, (trainer, fold) in enumerate(runs, 1):
-        fold_dir = folders.results / dataset.name / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
+        model = folders.results / dataset.name / model_folder_name(trainer, "nnUNetPlans", configuration)
+        fold_dir = fold_folder(model, fold)
         state = _fold_state(fold_dir, budget)
         head = f"[{i}/{len(runs)}] {trainer} fold {fold}"
         if state == "done":

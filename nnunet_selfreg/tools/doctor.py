@@ -11,6 +11,7 @@ import sysconfig
 from importlib import metadata
 
 from nnunet_selfreg import _discovery
+from nnunet_selfreg.nnunet_folders import ENV_VARS
 
 _PROBE = (
     "import sys\n"
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"torch does not import: {e}")
 
     print("\n[nnU-Net folders]")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    for var in ENV_VARS:
         value = os.environ.get(var)
         state = "unset" if value is None else ("ok" if os.path.isdir(value) else "does not exist")
         print(f"  {var} = {value or '<unset>'} ({state})")

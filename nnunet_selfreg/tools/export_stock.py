@@ -26,8 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.nnunet_folders import fold_folders, is_fold_folder_name
 from nnunet_selfreg.outputs import write_file_atomically
-from nnunet_selfreg.tools.main import UserError
 
 STOCK_TRAINER = "nnUNetTrainer"
 REQUIRED_FILES = ("plans.json", "dataset.json")
@@ -36,7 +37,6 @@ CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
 #: plans may only name classes from these packages for the export to build the network and check the weights
 SAFE_ARCH_PREFIXES = ("dynamic_network_architectures.",)
 SAFE_IMPORT_PREFIXES = ("torch.nn.",)
-_FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
 _CHECKPOINT_FILE = re.compile(r"^checkpoint_[A-Za-z0-9_.-]+\.pth$")
 
 
@@ -102,8 +102,8 @@ def _read_json(path: Path) -> dict:
 def find_checkpoints(model: Path) -> list[Path]:
     """Every regular ``fold_*/checkpoint_*.pth`` file of ``model`` (symbolic links are not followed)."""
     found = []
-    for fold in sorted(model.iterdir()):
-        if fold.is_dir() and not fold.is_symlink() and _FOLD_DIR.match(fold.name):
+    for fold in fold_folders(model):
+        if not fold.is_symlink():
             found += [
                 f
                 for f in sorted(fold.iterdir())
@@ -118,7 +118,7 @@ def check_model_folder(model: Path) -> list[Path]:
         raise UserError(f"{model} does not exist")
     if not model.is_dir():
         raise UserError(f"{model} is not a folder: pass a trained model folder (Trainer__Plans__configuration)")
-    if _FOLD_DIR.match(model.name) and (model.parent / "plans.json").is_file():
+    if is_fold_folder_name(model.name) and (model.parent / "plans.json").is_file():
         raise UserError(f"{model} is one fold of a model: pass the model folder {model.parent}")
     missing = [name for name in REQUIRED_FILES if not (model / name).is_file()]
     if missing:
