@@ -31,6 +31,7 @@ __all__ = [
     "parse_model_folder_name",
     "require_env_folder",
     "resolve_dataset",
+    "unset_message",
 ]
 
 #: nnU-Net's folder variables, in the order of its documentation
@@ -56,14 +57,17 @@ def env_folder(var: str) -> Path | None:
     return Path(value) if value else None
 
 
+def unset_message(var: str) -> str:
+    """What to do when ``var`` is not set (one line, for errors and ``doctor``)."""
+    role = _ENV_ROLES.get(var, "an nnU-Net folder")
+    return f"{var} is not set: export {var}=/path/to/{var} ({role}; see nnU-Net's documentation/setting_up_paths.md)"
+
+
 def require_env_folder(var: str, error: type[Exception] = UserError) -> Path:
     """The folder in ``var``; raises ``error`` saying how to set it when it is unset."""
     folder = env_folder(var)
     if folder is None:
-        role = _ENV_ROLES.get(var, "an nnU-Net folder")
-        raise error(
-            f"{var} is not set: export {var}=/path/to/{var} ({role}; see nnU-Net's documentation/setting_up_paths.md)"
-        )
+        raise error(unset_message(var))
     return folder
 
 

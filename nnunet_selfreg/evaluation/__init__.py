@@ -1,7 +1,7 @@
 """Comparing nnU-Net trainers on their cross-validation results (``nnunet-selfreg compare``).
 
 * :mod:`.results`: read and validate result folders (``summary.json``), pair cases across models;
-* :mod:`.metrics`: HD95 and normalised surface Dice from the segmentation files (MONAI);
+* :mod:`.metrics`: HD95, normalised surface Dice (MONAI) and instance metrics from the segmentation files;
 * :mod:`.stats`: nnU-Net's means, paired differences (bootstrap CI, Wilcoxon), ranking;
 * :mod:`.report`: ``results.json``, ``report.md`` and figures.
 """

@@ -1,5 +1,6 @@
 """Surface metrics (HD95, normalised surface Dice) from prediction and reference files, computed by MONAI,
-and the instance metrics of ``nnunet_selfreg.evaluation.instances`` in the same pass over the files.
+and the instance metrics of ``nnunet_selfreg.evaluation.instances`` in the same pass over the files;
+:func:`comparison_file_metrics` runs them for every case of a comparison, in a pool of worker processes.
 
 Images are read with nnU-Net's own reader/writer (the plans' ``image_reader_writer``), so the spacing is
 exactly the one nnU-Net uses. Conventions (as in MONAI and nnU-Net):
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nnunet_selfreg.evaluation.instances import connected_instances, instance_metrics
+from nnunet_selfreg.evaluation.results import CompareInputError, Comparison, prediction_file, reference_file
 
 SURFACE_METRICS = ("HD95", "NSD")
 
@@ -149,3 +151,83 @@ def _collect(done: Iterable, results: CaseSurface, n: int, progress: Callable[[i
         results[case] = values
         if progress is not None:
             progress(i, n, case)
+
+
+# --------------------------------------------------------------------------- the file metrics of a comparison
+
+
+def instance_label_key(comparison: Comparison, requested: str | None) -> str | None:
+    """The label key of ``requested`` (a label key or name of the compared dataset), None if not requested."""
+    if requested is None:
+        return None
+    names = comparison.label_names
+    match = [k for k in comparison.labels if requested in (k, names.get(k))]
+    if not match:
+        known = ", ".join(f"{k} ({names.get(k, k)})" for k in comparison.labels)
+        raise CompareInputError(f"--instances {requested}: not a label of {comparison.dataset}; use one of {known}")
+    return match[0]
+
+
+def comparison_file_metrics(
+    comparison: Comparison,
+    tolerance_mm: float,
+    surface: bool = True,
+    instances: str | None = None,
+    num_processes: int = 1,
+    progress: Callable[[int, int, str], None] | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> tuple[CaseSurface | None, dict]:
+    """The file-based metrics of every compared case (HD95/NSD and/or the instance metrics of label
+    ``instances``; None when neither is computed) and how they were obtained (``results.json``'s ``surface``).
+
+    Surface metrics are skipped when the dataset has an ignore label (partial annotations have no meaningful
+    surface). ``announce`` gets one line before the work starts, ``progress`` one call per case.
+    """
+    instance_label = instance_label_key(comparison, instances)
+    info: dict = {
+        "computed": False,
+        "nsd_tolerance_mm": tolerance_mm,
+        "reader": comparison.reader,
+        "library": "monai.metrics (compute_hausdorff_distance percentile=95, compute_surface_dice)",
+    }
+    if instance_label is not None:
+        info["instances"] = {"label": instance_label, "connectivity": "face connectivity", "iou_threshold": 0.5}
+    if surface and comparison.ignore_label is not None:
+        reason = f"the dataset has an ignore label ({comparison.ignore_label}): surfaces of partial annotations"
+        info["reason"] = reason + " are not meaningful"
+        surface = False
+    elif not surface:
+        info["reason"] = "--no-surface"
+    if not surface and instance_label is None:
+        return None, info
+    jobs = [
+        SurfaceJob(
+            case=c,
+            reference_file=str(reference_file(comparison, c)),
+            prediction_files=tuple((m.name, str(prediction_file(m, c))) for m in comparison.models),
+            labels=tuple(comparison.labels),
+            reader=comparison.reader,
+            tolerance_mm=tolerance_mm,
+            surface=surface,
+            instance_label=instance_label,
+        )
+        for c in comparison.cases
+    ]
+    what = " and ".join(x for x, on in (("surface", surface), ("instance", instance_label is not None)) if on)
+    if announce is not None:
+        announce(
+            f"{what} metrics for {len(jobs)} cases x {len(comparison.models)} models "
+            f"({min(num_processes, len(jobs))} processes)"
+        )
+    try:
+        values = compute_surface_metrics(jobs, num_processes, progress)
+    except (ValueError, OSError) as e:
+        raise CompareInputError(f"{what} metrics failed: {e}") from None
+    if instance_label is not None:
+        baseline = comparison.models[0].name
+        if all(math.isnan(v[baseline]["PQ"][instance_label]) for v in values.values()):
+            raise CompareInputError(
+                f"--instances {instances}: label {instance_label} is absent from every reference and prediction "
+                "of these cases; choose a label that marks objects (e.g. the nucleus label)"
+            )
+    return values, {**info, "computed": surface}

@@ -26,6 +26,7 @@ from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.nnunet_folders import (
     env_folder,
     fold_folder,
+    fold_folders,
     model_folder_name,
     parse_model_folder_name,
     require_env_folder,
@@ -109,10 +110,6 @@ def resolve_dataset(dataset: str) -> str:
     return nnunet_folders.resolve_dataset(dataset, CompareInputError)
 
 
-def _fold_dirs(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("fold_*") if p.is_dir()]
-
-
 def locate_model(dataset_folder: Path, entry: str, plans_identifier: str, configuration: str) -> ModelResults:
     """Find the results folder of a ``-tr`` entry: a trainer name, or a folder under ``dataset_folder``."""
     standard = dataset_folder / model_folder_name(entry, plans_identifier, configuration)
@@ -130,7 +127,7 @@ def locate_model(dataset_folder: Path, entry: str, plans_identifier: str, config
             f"`nnUNetv2_train {dataset_folder.name} {configuration} FOLD -tr {entry} -p {plans_identifier}`, "
             f"or give an existing folder name{_available(dataset_folder)}"
         )
-    if folder == standard or _fold_dirs(folder):  # a trainer folder: missing folds are reported later
+    if folder == standard or fold_folders(folder):  # a trainer folder: missing folds are reported later
         layout = FOLDS_LAYOUT
     elif (folder / "summary.json").is_file():
         layout = MERGED_LAYOUT

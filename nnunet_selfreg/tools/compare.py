@@ -168,72 +168,23 @@ def _progress(i: int, n: int, case: str) -> None:
         print(f"[compare] surface metrics: case {i}/{n} ({case})", file=sys.stderr, flush=True)
 
 
-def _instance_label(comparison: Comparison, requested: str | None) -> str | None:
-    if requested is None:
-        return None
-    names = comparison.label_names
-    match = [k for k in comparison.labels if requested in (k, names.get(k))]
-    if not match:
-        known = ", ".join(f"{k} ({names.get(k, k)})" for k in comparison.labels)
-        raise UserError(f"--instances {requested}: not a label of {comparison.dataset}; use one of {known}")
-    return match[0]
+def _announce(message: str) -> None:
+    print(f"[compare] {message}", file=sys.stderr, flush=True)
 
 
 def surface_metrics(comparison: Comparison, args: argparse.Namespace) -> tuple[dict | None, dict]:
     """File-based metrics per case (HD95/NSD and/or instance metrics, or None) and how they were obtained."""
-    from nnunet_selfreg.evaluation.metrics import SurfaceJob, compute_surface_metrics
-    from nnunet_selfreg.evaluation.results import prediction_file, reference_file
+    from nnunet_selfreg.evaluation.metrics import comparison_file_metrics
 
-    instance_label = _instance_label(comparison, args.instances)
-    info = {
-        "computed": False,
-        "nsd_tolerance_mm": args.nsd_tolerance,
-        "reader": comparison.reader,
-        "library": "monai.metrics (compute_hausdorff_distance percentile=95, compute_surface_dice)",
-    }
-    if instance_label is not None:
-        info["instances"] = {"label": instance_label, "connectivity": "face connectivity", "iou_threshold": 0.5}
-    surface = not args.no_surface
-    if surface and comparison.ignore_label is not None:
-        reason = f"the dataset has an ignore label ({comparison.ignore_label}): surfaces of partial annotations"
-        info["reason"] = reason + " are not meaningful"
-        surface = False
-    elif not surface:
-        info["reason"] = "--no-surface"
-    if not surface and instance_label is None:
-        return None, info
-    jobs = [
-        SurfaceJob(
-            case=c,
-            reference_file=str(reference_file(comparison, c)),
-            prediction_files=tuple((m.name, str(prediction_file(m, c))) for m in comparison.models),
-            labels=tuple(comparison.labels),
-            reader=comparison.reader,
-            tolerance_mm=args.nsd_tolerance,
-            surface=surface,
-            instance_label=instance_label,
-        )
-        for c in comparison.cases
-    ]
-    what = " and ".join(x for x, on in (("surface", surface), ("instance", instance_label is not None)) if on)
-    print(
-        f"[compare] {what} metrics for {len(jobs)} cases x {len(comparison.models)} models "
-        f"({min(args.num_processes, len(jobs))} processes)",
-        file=sys.stderr,
-        flush=True,
+    return comparison_file_metrics(
+        comparison,
+        tolerance_mm=args.nsd_tolerance,
+        surface=not args.no_surface,
+        instances=args.instances,
+        num_processes=args.num_processes,
+        progress=_progress,
+        announce=_announce,
     )
-    try:
-        values = compute_surface_metrics(jobs, args.num_processes, _progress)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{what} metrics failed: {e}") from None
-    if instance_label is not None:
-        baseline = comparison.models[0].name
-        if all(math.isnan(v[baseline]["PQ"][instance_label]) for v in values.values()):
-            raise UserError(
-                f"--instances {args.instances}: label {instance_label} is absent from every reference and prediction "
-                "of these cases; choose a label that marks objects (e.g. the nucleus label)"
-            )
-    return values, {**info, "computed": surface}
 
 
 def _print_summary(results: dict, output: Path) -> None:

@@ -11,7 +11,7 @@ import sysconfig
 from importlib import metadata
 
 from nnunet_selfreg import _discovery
-from nnunet_selfreg.nnunet_folders import ENV_VARS
+from nnunet_selfreg.nnunet_folders import ENV_VARS, unset_message
 
 _PROBE = (
     "import sys\n"
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         state = "unset" if value is None else ("ok" if os.path.isdir(value) else "does not exist")
         print(f"  {var} = {value or '<unset>'} ({state})")
         if value is None:
-            problems.append(f"{var} is not set: export it (see nnU-Net's documentation/setting_up_paths.md)")
+            problems.append(unset_message(var))
         elif not os.path.isdir(value):
             problems.append(f"{var} points to {value}, which does not exist: create it or fix the variable")
 
