@@ -7,8 +7,6 @@ import math
 import re
 import shlex
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
@@ -102,85 +100,8 @@ def command_line(args: argparse.Namespace, output: Path) -> str:
     return shlex.join(parts)
 
 
-def _names(models: list) -> list[str]:
-    """Trainer names when they tell the models apart, else the folder names (with the dataset if needed)."""
-    for key in (
-        lambda m: m.trainer,
-        lambda m: m.folder.name,
-        lambda m: f"{m.folder.parent.name}/{m.folder.name}",
-        lambda m: str(m.folder),
-    ):
-        names = [key(m) for m in models]
-        if len(set(names)) == len(names):
-            return names
-    return [str(m.folder) for m in models]
-
-
-def _compatibility(models: list) -> list[str]:
-    """Raise if the models cannot share the cases; return notes on what differs between them."""
-    first = models[0]
-    for m in models[1:]:
-        if m.channel_names != first.channel_names or m.file_ending != first.file_ending:
-            raise UserError(
-                f"{m.folder} expects inputs {m.channel_names} ({m.file_ending}) but {first.folder} expects "
-                f"{first.channel_names} ({first.file_ending}): analyze them separately"
-            )
-    notes = []
-    for what, key in (
-        ("datasets", lambda m: m.dataset),
-        ("configurations", lambda m: m.configuration),
-        ("plans identifiers", lambda m: m.plans_identifier),
-    ):
-        values = sorted({key(m) for m in models})
-        if len(values) > 1:
-            notes.append(f"the models come from different {what} ({', '.join(values)}): compare with care")
-    configs = {m.name: m.plans["configurations"].get(m.configuration, m.plans) for m in models}
-    first_cfg = configs[first.name]
-    differing = [n for n, c in configs.items() if c != first_cfg]
-    if differing:
-        notes.append(
-            f"the plans of {', '.join(differing)} differ from those of {first.name} (architecture, patch size or "
-            "preprocessing): each model gets its own preprocessing; stages may not correspond one to one"
-        )
-    return notes
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _model_record(model, analysis: dict) -> dict:
-    stages = analysis["stages"]
-    cam = analysis["gradcam"]
-    if cam:
-        for stage, c in zip(stages, cam["stages"], strict=True):
-            stage["cam_max"] = c["max"]
-            stage["cam_fraction_in_region"] = c["fraction_in_region"]
-    n_enc = sum(s["kind"] == "encoder" for s in stages)
-    return {
-        "name": model.name,
-        "folder": str(model.folder),
-        "trainer": model.trainer,
-        "plans": model.plans_identifier,
-        "configuration": model.configuration,
-        "dataset": model.dataset,
-        "fold": model.fold,
-        "checkpoint": model.checkpoint,
-        "architecture": model.configuration_manager.network_arch_class_name,
-        "patch_size": list(model.patch_size),
-        "n_encoder_stages": n_enc,
-        "stages": stages,
-        "cases": analysis["cases"],
-        "gradcam": {k: v for k, v in cam.items() if k not in ("display", "stages")} if cam else None,
-    }
-
-
 def _run(args: argparse.Namespace) -> int:
-    from nnunet_selfreg import __version__
-    from nnunet_selfreg.analysis import extract, report
+    from nnunet_selfreg.analysis import extract, records, report
     from nnunet_selfreg.analysis.extract import AnalyzeInputError, log
 
     folders = [Path(m).absolute() for m in args.models]
@@ -201,9 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     for k, folder in enumerate(folders):
         log(f"loading model {k + 1}/{len(folders)}: {folder} (fold {args.fold}, {args.checkpoint}) on {device}")
         models.append(extract.load_model(folder, args.fold, args.checkpoint, device))
-    for model, name in zip(models, _names(models), strict=True):
+    for model, name in zip(models, records.model_names(models), strict=True):
         model.name = name
-    notes = _compatibility(models)
+    notes = records.compatibility_notes(models)
     for n in notes:
         log(f"note: {n}")
     first = models[0]
@@ -213,72 +134,21 @@ def _run(args: argparse.Namespace) -> int:
             raise AnalyzeInputError(f"{m.folder} names its classes differently from {first.folder}: no common class")
     log(f"{len(cases)} case(s) from {args.cases}: {', '.join(c.identifier for c in cases)}")
 
-    cache: dict[str, tuple[list, list]] = {}
-    records, displays = [], {}
-    for k, model in enumerate(models):
-        key = extract.preprocessing_key(model)
-        if key not in cache:
-            inputs, infos = [], []
-            for case in cases:
-                x, info = extract.preprocess_case(model, case)
-                inputs.append((case.identifier, x))
-                infos.append(info)
-            cache[key] = (inputs, infos)
-        inputs, infos = cache[key]
-        patch = "x".join(map(str, model.patch_size))
-        log(f"model {k + 1}/{len(models)} {model.name}: {len(inputs)} patch(es) of {patch}")
-        analysis = extract.analyse_model(
-            model,
-            inputs,
-            cam_case=0,
-            cam_channel=cam_channel,
-            gradcam=not args.no_gradcam,
-            progress=lambda msg, name=model.name: log(f"  {name}: {msg}"),
-        )
-        record = _model_record(model, analysis)
-        record["preprocessing"] = infos
-        records.append(record)
-        if analysis["gradcam"]:
-            displays[model.name] = analysis["gradcam"]["display"]
-        model.network.cpu()
-        model.predictor.network = None  # release the weights before the next model
-        model.network = None
-
-    spatial_dims = len(first.patch_size)
-    results = {
-        "tool": "nnunet-selfreg analyze",
-        "version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(args, output),
-        "setup": {
-            "dataset": first.dataset,
-            "configuration": first.configuration,
-            "fold": args.fold,
-            "checkpoint": args.checkpoint,
-            "device": str(device),
-            "spatial_dims": spatial_dims,
-            "cases_folder": str(Path(args.cases).absolute()),
-            "cases": [c.identifier for c in cases],
-            "crop": "one centre patch of the configuration's patch size per case (zero-padded where the "
-            "preprocessed image is smaller, as nnU-Net pads before its sliding window)"
-            + ("; central slice of 3D images for a 2D configuration" if spatial_dims == 2 else ""),
-            "cka": "linear CKA (Kornblith et al. 2019) between the stage and F_final, both adaptive-average-pooled "
-            "to their per-axis minimum spatial size (the stage's size in a U-Net, as SCR pools), samples = "
-            "positions of all cases, features = channels; cka_shuffled: F_final's positions shuffled within "
-            f"each case (seed {extract.SEED + 1})",
-            "scr": f"nnunet_selfreg.losses.selfreg.semantic_consistency_loss(stage, F_final), mean of "
-            f"{extract.SCR_DRAWS} random channel pairings per case (seed {extract.SEED}), then mean over cases",
-            "redundancy": "Pearson correlation and covariance of the channels over all positions of all cases, at "
-            "the stage's own resolution; effective rank (Roy & Vetterli 2007) of the covariance",
-            "gradcam": {"case": cases[0].identifier, "class": cam_class, "channel": cam_channel}
-            if not args.no_gradcam
-            else None,
-            "versions": {d: _version(d) for d in ("nnunetv2", "torch", "numpy", "matplotlib")},
-            "seconds": None,
-        },
-        "notes": notes,
-        "models": records,
-    }
+    model_records, displays = records.analyse_models(models, cases, cam_channel, not args.no_gradcam, log)
+    results = records.build_results(
+        models,
+        model_records,
+        cases,
+        Path(args.cases),
+        command=command_line(args, output),
+        fold=args.fold,
+        checkpoint=args.checkpoint,
+        device=str(device),
+        cam_class=cam_class,
+        cam_channel=cam_channel,
+        gradcam=not args.no_gradcam,
+        notes=notes,
+    )
     results["setup"]["seconds"] = round(time.perf_counter() - started, 1)
     try:
         written = report.write_outputs(results, displays, output, args.overwrite)
