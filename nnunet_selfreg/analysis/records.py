@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from nnunet_selfreg.analysis import extract
 from nnunet_selfreg.analysis.extract import AnalyzeInputError, Case, Model
+from nnunet_selfreg.report_folder import package_version
 
 
 def model_names(models: Sequence[Model]) -> list[str]:
@@ -129,13 +129,6 @@ def analyse_models(
     return records, displays
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def build_results(
     models: Sequence[Model],
     records: list[dict],
@@ -183,7 +176,7 @@ def build_results(
             "redundancy": "Pearson correlation and covariance of the channels over all positions of all cases, at "
             "the stage's own resolution; effective rank (Roy & Vetterli 2007) of the covariance",
             "gradcam": {"case": cases[0].identifier, "class": cam_class, "channel": cam_channel} if gradcam else None,
-            "versions": {d: _version(d) for d in ("nnunetv2", "torch", "numpy", "matplotlib")},
+            "versions": {d: package_version(d) for d in ("nnunetv2", "torch", "numpy", "matplotlib")},
             "seconds": None,
         },
         "notes": notes,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_selfreg import outputs
-from nnunet_selfreg.evaluation.report import to_json
+from nnunet_selfreg.report_folder import markdown_table, pyplot, write_report_folder
 
 #: (key in a stage's record, title, y label, file name)
 METRICS = (
@@ -37,14 +37,7 @@ def check_output_folder(folder: Path, overwrite: bool) -> None:
 def write_outputs(results: dict, displays: dict[str, dict], folder: Path, overwrite: bool = False) -> list[Path]:
     """Write the figures, ``results.json`` and ``report.md`` into ``folder`` (replaced as a whole)."""
     check_output_folder(folder, overwrite)
-
-    def fill(tmp: Path) -> None:
-        results["figures"] = make_figures(results, displays, tmp)
-        (tmp / "results.json").write_text(to_json(results))
-        (tmp / "report.md").write_text(render_markdown(results))
-
-    outputs.write_folder_atomically(folder, fill)
-    return [folder / "report.md", folder / "results.json", *(folder / f for f in results["figures"])]
+    return write_report_folder(folder, results, lambda tmp: make_figures(results, displays, tmp), render_markdown)
 
 
 # --------------------------------------------------------------------------- figures
@@ -135,11 +128,7 @@ def _gradcam_figure(results: dict, displays: dict[str, dict], path: Path, plt) -
 
 def make_figures(results: dict, displays: dict[str, dict], folder: Path) -> list[str]:
     """One line plot per metric over the stages (models side by side) and the Grad-CAM grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     for key, title, ylabel, name in METRICS:
         _metric_figure(results, key, title, ylabel, folder / name, plt)
@@ -159,11 +148,6 @@ def _finite(value: object) -> bool:
 
 def _f(value: object, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if _finite(value) else "—"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
 def _stage_rows(results: dict, cell) -> list[list[str]]:
@@ -221,7 +205,7 @@ def _metric_sections(r: dict) -> list[str]:
         "![CKA](cka.png)",
         "",
     ]
-    out += _table(
+    out += markdown_table(
         ["stage", *names],
         _stage_rows(r, lambda s: f"{_f(s['cka'])} ({_f(s['cka_shuffled'])}) n={s['cka_samples']}"),
     )
@@ -232,7 +216,7 @@ def _metric_sections(r: dict) -> list[str]:
         "![SCR](scr.png)",
         "",
     ]
-    out += _table(["stage", *names], _stage_rows(r, lambda s: _f(s["scr"], 4)))
+    out += markdown_table(["stage", *names], _stage_rows(r, lambda s: _f(s["scr"], 4)))
     out += ["## Channel redundancy", ""]
     out += [
         "Mean absolute Pearson correlation between distinct channels (lower: less redundant).",
@@ -240,7 +224,7 @@ def _metric_sections(r: dict) -> list[str]:
         "![correlation](channel_correlation.png)",
         "",
     ]
-    out += _table(
+    out += markdown_table(
         ["stage", *names],
         _stage_rows(
             r,
@@ -256,7 +240,7 @@ def _metric_sections(r: dict) -> list[str]:
         "![effective rank](effective_rank.png)",
         "",
     ]
-    out += _table(
+    out += markdown_table(
         ["stage", *names],
         _stage_rows(r, lambda s: f"{_f(s['effective_rank'], 1)} / {s['channels']} ({_f(s['effective_rank_ratio'])})"),
     )
@@ -274,7 +258,7 @@ def _gradcam_section(r: dict) -> list[str]:
     def cell(stage: dict) -> str:
         return _f(stage.get("cam_fraction_in_region"))
 
-    out += _table(["stage", *names], _stage_rows(r, cell))
+    out += markdown_table(["stage", *names], _stage_rows(r, cell))
     for m in r["models"]:
         g = m["gradcam"]
         out.append(

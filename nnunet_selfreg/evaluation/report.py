@@ -6,10 +6,8 @@ run never leaves a half-written report; an existing folder is replaced only when
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +21,12 @@ from nnunet_selfreg.evaluation.stats import (
     Table,
     case_foreground_mean,
 )
+from nnunet_selfreg.report_folder import markdown_table, package_version, pyplot, write_report_folder
 
 UNITS = {"Dice": "", "IoU": "", "HD95": " (mm)", "NSD": "", "PQ": "", "SQ": "", "RQ": "", "AJI": ""}
 
 
 # --------------------------------------------------------------------------- results.json
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def per_case_values(comparison: Comparison, table: Table) -> list[dict]:
@@ -84,7 +76,7 @@ def build_results(comparison: Comparison, table: Table, analysis: dict, empty_ca
             "metrics": list(next(iter(table.values()))),
             "surface": settings["surface"],
             "statistics": settings["statistics"],
-            "versions": {d: _version(d) for d in ("nnunetv2", "monai", "scipy", "numpy", "torch")},
+            "versions": {d: package_version(d) for d in ("nnunetv2", "monai", "scipy", "numpy", "torch")},
         },
         "labels": comparison.label_names,
         **analysis,
@@ -92,24 +84,6 @@ def build_results(comparison: Comparison, table: Table, analysis: dict, empty_ca
         "notes": list(comparison.notes) + list(settings.get("notes", [])),
         "cases": per_case_values(comparison, table),
     }
-
-
-def _jsonable(obj: object) -> object:
-    """NaN -> null, numpy scalars -> Python numbers, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    return obj
-
-
-def to_json(results: dict) -> str:
-    """Strict JSON (undefined values are ``null``)."""
-    return json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
 
 
 # --------------------------------------------------------------------------- report.md
@@ -121,11 +95,6 @@ def _f(value: float | None, digits: int = 4) -> str:
 
 def _p(value: float | None) -> str:
     return "NaN" if value is None or math.isnan(value) else ("<0.0001" if value < 1e-4 else f"{value:.4f}")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
 def _label(results: dict, key: str) -> str:
@@ -169,7 +138,7 @@ def _setup_section(r: dict) -> list[str]:
         f"- nnU-Net {s['versions']['nnunetv2']}, scipy {s['versions']['scipy']}; created {r['created']}",
         "",
     ]
-    lines += _table(
+    lines += markdown_table(
         ["#", "model", "layout", "folder"],
         [[str(i), f"`{m['name']}`", m["layout"], f"`{m['folder']}`"] for i, m in enumerate(s["models"])],
     )
@@ -186,14 +155,14 @@ def _pooled_section(r: dict) -> list[str]:
         "nnU-Net's aggregation: per label the mean over cases (NaN cases excluded), then the mean over labels.",
         "",
     ]
-    lines += _table(
+    lines += markdown_table(
         ["model", *[f"{m}{UNITS[m]}" for m in metrics]],
         [[f"`{model}`", *[_f(v[m][FOREGROUND]) for m in metrics]] for model, v in pooled.items()],
     )
     for metric in metrics:
         labels = [k for k in next(iter(pooled.values()))[metric] if k != FOREGROUND]
         lines += [f"Per label, {metric}{UNITS[metric]}:", ""]
-        lines += _table(
+        lines += markdown_table(
             ["model", *[_label(r, k) for k in labels]],
             [[f"`{model}`", *[_f(v[metric][k]) for k in labels]] for model, v in pooled.items()],
         )
@@ -208,7 +177,8 @@ def _fold_section(r: dict) -> list[str]:
             [str(f), str(r["setup"]["n_cases_per_fold"][f]), *[_f(per[m][metric][FOREGROUND]) for m in models]]
             for f, per in r["aggregates"]["per_fold"].items()
         ]
-        lines += [f"{metric}{UNITS[metric]}:", ""] + _table(["fold", "cases", *[f"`{m}`" for m in models]], rows)
+        header = ["fold", "cases", *[f"`{m}`" for m in models]]
+        lines += [f"{metric}{UNITS[metric]}:", ""] + markdown_table(header, rows)
     return lines
 
 
@@ -245,7 +215,7 @@ def _difference_section(r: dict) -> list[str]:
         "",
     ]
     rows = [[f"`{m}`", metric, *_diff_row(v)] for m, per in d["pooled"].items() for metric, v in per.items()]
-    lines += _table(["model", "metric", *_DIFF_HEADER], rows)
+    lines += markdown_table(["model", "metric", *_DIFF_HEADER], rows)
     lines += ["### Per fold", ""]
     rows = [
         [f, f"`{m}`", metric, *_diff_row(v)]
@@ -253,7 +223,7 @@ def _difference_section(r: dict) -> list[str]:
         for m, per in per_fold.items()
         for metric, v in per.items()
     ]
-    lines += _table(["fold", "model", "metric", *_DIFF_HEADER], rows)
+    lines += markdown_table(["fold", "model", "metric", *_DIFF_HEADER], rows)
     lines += ["### Per label, pooled over folds", ""]
     rows = [
         [f"`{m}`", metric, _label(r, label), *_diff_row(v)]
@@ -261,7 +231,7 @@ def _difference_section(r: dict) -> list[str]:
         for metric, per_label in per.items()
         for label, v in per_label.items()
     ]
-    return lines + _table(["model", "metric", "label", *_DIFF_HEADER], rows)
+    return lines + markdown_table(["model", "metric", "label", *_DIFF_HEADER], rows)
 
 
 def _equivalence_word(e: dict) -> str:
@@ -303,7 +273,7 @@ def _effects_section(r: dict) -> list[str]:
                 ]
             )
     header = ["model", "metric", "difference", "p", f"p ({corr['method']})", "HL [95% CI]", "r", "better/tie/worse"]
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     eq = [(m, per["Dice"]["equivalence"]) for m, per in d["pooled"].items() if "equivalence" in per.get("Dice", {})]
     if eq:
         margin = eq[0][1]["margin"]
@@ -325,7 +295,7 @@ def _effects_section(r: dict) -> list[str]:
             ]
             for m, e in eq
         ]
-        lines += _table(["model", "p (> -margin)", "p (< +margin)", "TOST p", "result"], rows)
+        lines += markdown_table(["model", "p (> -margin)", "p (< +margin)", "TOST p", "result"], rows)
     floor = d.get("noise_floor", {})
     lines += ["### Run-to-run noise floor (A/A)", ""]
     if floor.get("runs"):
@@ -341,7 +311,7 @@ def _effects_section(r: dict) -> list[str]:
             diffs = ", ".join(_f(x) for x in v["mean_differences"])
             ps = ", ".join(_p(x) for x in v["p_values"])
             rows.append([metric, diffs, ps, _f(v["floor"])])
-        lines += _table(["metric", "A/A difference(s)", "A/A Wilcoxon p", "floor (max |A/A|)"], rows)
+        lines += markdown_table(["metric", "A/A difference(s)", "A/A Wilcoxon p", "floor (max |A/A|)"], rows)
     else:
         lines += [
             "Not measured: the baseline was trained once. Train it again under another name (e.g. "
@@ -368,7 +338,7 @@ def _stability_section(r: dict) -> list[str]:
         f"{_f(tau['median'], 3)} (2.5-97.5%: {_f(tau['p2.5'], 3)} to {_f(tau['p97.5'], 3)}); 1 means the ranking "
         "never changes.",
         "",
-        *_table(["model", "rank (all cases)", *[f"rank {i}" for i in range(1, k + 1)]], rows),
+        *markdown_table(["model", "rank (all cases)", *[f"rank {i}" for i in range(1, k + 1)]], rows),
     ]
 
 
@@ -383,7 +353,7 @@ def _ranking_section(r: dict) -> list[str]:
         "By pooled foreground Dice (nnU-Net's aggregation); second view: the mean rank over the "
         f"{n} cases whose foreground Dice is defined for every model (1 = best, ties share ranks).",
         "",
-        *_table(["position", "model", "pooled Dice", "mean case rank"], rows),
+        *markdown_table(["position", "model", "pooled Dice", "mean case rank"], rows),
     ]
 
 
@@ -409,7 +379,7 @@ def _exclusion_section(r: dict) -> list[str]:
             ]
             rows.append(row + ([str(r["nan_counts"][model]["HD95"][label])] if surface else []))
     header = ["model", "label", "both empty (all NaN)", "reference empty only", "prediction empty only"]
-    lines += _table(header + (["HD95 NaN"] if surface else []), rows)
+    lines += markdown_table(header + (["HD95 NaN"] if surface else []), rows)
     rows = [
         [f"`{model}`", metric, str(counts[FOREGROUND])]
         for model, per_metric in r["nan_counts"].items()
@@ -419,7 +389,7 @@ def _exclusion_section(r: dict) -> list[str]:
     if not rows:
         return lines + ["Every case has a defined per-case foreground mean for every model and metric.", ""]
     lines += ["Cases whose per-case foreground mean is undefined (no label defined), left out of the pairs:", ""]
-    return lines + _table(["model", "metric", "cases"], rows)
+    return lines + markdown_table(["model", "metric", "cases"], rows)
 
 
 def render_markdown(r: dict) -> str:
@@ -542,11 +512,7 @@ def _blob_figure(r: dict, plt, path: Path) -> None:
 
 def make_figures(r: dict, folder: Path) -> list[str]:
     """PNG figures in ``folder``; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = ["paired_dice.png"]
     _paired_figure(r, plt, folder / names[0])
     for metric in r["setup"]["metrics"]:
@@ -571,11 +537,4 @@ def check_output_folder(folder: Path, overwrite: bool) -> None:
 def write_outputs(results: dict, folder: Path, overwrite: bool = False) -> list[Path]:
     """Write figures, ``results.json`` and ``report.md`` into ``folder`` (atomically replaced)."""
     check_output_folder(folder, overwrite)
-
-    def fill(tmp: Path) -> None:
-        results["figures"] = make_figures(results, tmp)
-        (tmp / "results.json").write_text(to_json(results))
-        (tmp / "report.md").write_text(render_markdown(results))
-
-    outputs.write_folder_atomically(folder, fill)
-    return [folder / "report.md", folder / "results.json", *(folder / f for f in results["figures"])]
+    return write_report_folder(folder, results, lambda tmp: make_figures(results, tmp), render_markdown)
