@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from PIL import Image
@@ -63,6 +64,7 @@ def test_2d_train_continue_validate_predict(nnenv, ds2d, tmp_path):
         assert set(np.unique(seg)) <= {0, 1, 2}
 
 
+@pytest.mark.cli_e2e
 def test_3d_anisotropic_train_and_predict(nnenv, ds3d, tmp_path):
     nnenv.train(ds3d, "3d_fullres", 0, TRAINER, SELFREG_TEST_EPOCHS="1", SELFREG_TEST_ITERS="2")
     fold = nnenv.model_folder(ds3d, TRAINER, "3d_fullres") / "fold_0"

@@ -624,6 +624,7 @@ def _dice(pred: np.ndarray, ref: np.ndarray, labels=(1, 2)) -> float:
     return float(np.mean(scores))
 
 
+@pytest.mark.cli_e2e
 def test_m2snet_2d_train_and_predict_through_the_clis(nnenv, ds2d, tmp_path):
     weights = tmp_path / "vgg16-random.pth"
     _random_vgg16_file(weights)

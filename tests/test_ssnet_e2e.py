@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -52,6 +53,7 @@ def _mean_foreground_dice(nnenv, dataset_id: int, cases: list[str], weights: dic
     return float(np.mean(dice))
 
 
+@pytest.mark.cli_e2e
 def test_ssnet_train_continue_validate_predict(nnenv, semisup2d, tmp_path):
     nnenv.train(semisup2d, "2d", 0, TRAINER, SELFREG_TEST_ITERS=ITERS)
     ds_name = next(nnenv.preprocessed.glob(f"Dataset{semisup2d}_*")).name
