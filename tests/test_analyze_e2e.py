@@ -25,6 +25,9 @@ DATASET_2D = "Dataset901_SelfRegSynthetic"
 FIGURES = ("cka.png", "scr.png", "channel_correlation.png", "effective_rank.png", "gradcam.png")
 
 
+pytestmark = pytest.mark.cli_e2e  # trains two small models first: 207 s in a full run at load 4-7 (2026-12-03)
+
+
 @pytest.fixture(scope="module")
 def models_2d(nnenv, ds2d, tmp_path_factory) -> list[Path]:
     """A baseline and a SelfReg model, 1 epoch x 2 iterations, in a results folder of their own."""

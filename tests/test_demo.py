@@ -74,6 +74,7 @@ def cache(tmp_path_factory) -> Path:
     return Path(os.environ.get("NNUNET_SELFREG_CACHE") or tmp_path_factory.mktemp("cache"))
 
 
+@pytest.mark.cli_e2e  # the README's main job, reduced: 431 s in a full run at load 4-7 (2026-12-03)
 def test_demo_reduced_budget_end_to_end(tmp_path, cache):
     work = tmp_path / "demo"
     proc = _demo(work, "--folds", "0", "1", "--epochs", "1", "--iterations", "2", "--val-iterations", "1", cache=cache)
