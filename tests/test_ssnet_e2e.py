@@ -79,7 +79,10 @@ def test_ssnet_train_continue_validate_predict(nnenv, semisup2d, tmp_path):
     for key in ("ssnet_sup", "ssnet_lds", "ssnet_cs_labeled", "ssnet_cs_unlabeled", "ssnet_weight"):
         values = ckpt["logging"][key]
         assert len(values) == 2 and np.all(np.isfinite(values)), key
-    assert all(v > 0 for v in ckpt["logging"]["ssnet_lds"]) and all(v > 0 for v in ckpt["logging"]["ssnet_sup"])
+    assert all(v > 0 for v in ckpt["logging"]["ssnet_lds"])
+    # nnU-Net's loss is CE + (-soft Dice) with deep-supervision weights summing to 1: it is >= -1, and it is
+    # negative once the soft Dice exceeds the CE (a clean run on 2026-12-03 logged 0.774 then -0.034)
+    assert all(-1.0 <= v < 5.0 for v in ckpt["logging"]["ssnet_sup"])
     assert ckpt["logging"]["ssnet_weight"][1] > ckpt["logging"]["ssnet_weight"][0]
     assert not any(k.startswith(("projection", "selectors")) for k in ckpt["network_weights"]), "heads leaked"
     summary = json.loads((fold / "validation" / "summary.json").read_text())
