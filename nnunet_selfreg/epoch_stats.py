@@ -61,12 +61,6 @@ class EpochStats:
             nonfinite = (~finite).float().reshape(1)
         self._add_row(torch.cat([row, nonfinite]), 1)
 
-    def add_sums(self, sums: Mapping[str, Tensor | float], steps: int, nonfinite_steps: int = 0) -> None:
-        """Merge sums accumulated elsewhere over ``steps`` steps (e.g. by a loss module of its own)."""
-        if steps > 0:
-            row = self._row(sums)
-            self._add_row(torch.cat([row, torch.full((1,), float(nonfinite_steps), device=row.device)]), steps)
-
     def _row(self, values: Mapping[str, Tensor | float]) -> Tensor:
         missing = set(self.terms) - set(values)
         if missing:

@@ -28,6 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnunet_selfreg.epoch_stats import EpochStats
+
+#: the name of the LossNet term in :attr:`SegLossWithLossNet.epoch_stats`
+EPOCH_TERM = "lossnet"
+
 ENV_VGG16_WEIGHTS = "NNUNET_SELFREG_VGG16_WEIGHTS"
 #: ends (exclusive) of the four blocks in torchvision's ``vgg16().features``: relu1_2, relu2_2, relu3_3, relu4_3
 VGG16_BLOCK_ENDS = (4, 9, 16, 23)
@@ -316,7 +321,8 @@ class SegLossWithLossNet(nn.Module):
     ``seg_loss`` is nnU-Net's own loss (Dice+CE with deep supervision), called unchanged. The LossNet
     term is added only in training mode with gradients enabled (the trainer puts this module in
     ``eval()`` for nnU-Net's validation steps, so validation losses stay comparable with the
-    baseline). The unweighted term is summed on the device; :meth:`pop_epoch_mean` reads it once.
+    baseline). The unweighted term is summed on the device in :attr:`epoch_stats` (term ``"lossnet"``),
+    read once per epoch (the trainer reduces it over DDP ranks).
     """
 
     def __init__(
@@ -335,8 +341,7 @@ class SegLossWithLossNet(nn.Module):
         self.has_regions = bool(has_regions)
         self.ignore_label = ignore_label
         self.include_background = bool(include_background)
-        self._sum: Tensor | None = None
-        self._steps = 0
+        self.epoch_stats = EpochStats((EPOCH_TERM,))
 
     def forward(self, output: Tensor | list[Tensor], target: Tensor | list[Tensor]) -> Tensor:
         seg = self.seg_loss(output, target)
@@ -348,20 +353,14 @@ class SegLossWithLossNet(nn.Module):
             full_out, full_tgt, self.has_regions, self.ignore_label, self.include_background
         )
         term = self.lossnet(prob, gt)
-        self._sum = term.detach() if self._sum is None else self._sum + term.detach()
-        self._steps += 1
+        self.epoch_stats.add({EPOCH_TERM: term})
         return seg + self.weight * term
 
     def pop_epoch_mean(self) -> tuple[float, int]:
         """Mean unweighted LossNet term over the steps since the last call, and the step count."""
-        steps, total = self._steps, self._sum
-        self._sum, self._steps = None, 0
-        if total is None or steps == 0:
-            return float("nan"), 0
-        return float(total.cpu()) / steps, steps
+        result = self.epoch_stats.pop_means()
+        return result.means[EPOCH_TERM], result.steps
 
     def epoch_sum(self) -> tuple[Tensor | None, int]:
-        return self._sum, self._steps
-
-    def set_epoch_sum(self, total: Tensor | None, steps: int) -> None:
-        self._sum, self._steps = total, steps
+        """Raw device-side sums (the term, then the non-finite count) and the step count."""
+        return self.epoch_stats.state()

@@ -25,6 +25,7 @@ from torch import nn
 
 from nnunet_selfreg.losses.lossnet import (
     ENV_VGG16_WEIGHTS,
+    EPOCH_TERM,
     LossNet,
     MissingVGG16WeightsError,
     SegLossWithLossNet,
@@ -34,7 +35,7 @@ from nnunet_selfreg.losses.lossnet import (
 from nnunet_selfreg.losses.structure import StructureLoss
 from nnunet_selfreg.networks.m2snet import build_m2snet
 from nnunet_selfreg.outputs import write_file_atomically
-from nnunet_selfreg.trainers.core import EpochStats, log_epoch_means, register_trainer, validate_weight
+from nnunet_selfreg.trainers.core import log_epoch_means, register_trainer, validate_weight
 from nnunet_selfreg.trainers.progress import install_extended_logger
 
 LOG_KEY = "m2snet_lossnet"
@@ -250,17 +251,11 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
     def _log_lossnet_epoch(self) -> None:
         if not isinstance(self.loss, SegLossWithLossNet):
             return
-        # the loss sums its term on the device; the shared accumulator adds up all ranks' sums and steps
-        total, steps = self.loss.epoch_sum()
-        self.loss.set_epoch_sum(None, 0)
-        stats = EpochStats((LOG_KEY,))
-        if total is not None:
-            stats.add_sums({LOG_KEY: total}, steps)
-        result = stats.pop_means(ddp=self.is_ddp, device=self.device)
-        mean = result.means[LOG_KEY]
+        result = self.loss.epoch_stats.pop_means(ddp=self.is_ddp, device=self.device)  # all ranks' steps
+        mean = result.means[EPOCH_TERM]
         log_epoch_means(
             self,
-            result.means,
+            {LOG_KEY: mean},
             f"LossNet epoch mean: {np.round(mean, 6)} (weighted {np.round(self.lossnet_weight * mean, 6)}, "
             f"{result.steps} steps)",
         )
