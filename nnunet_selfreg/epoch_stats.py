@@ -59,7 +59,9 @@ class EpochStats:
         else:
             row = torch.where(finite, row, torch.zeros_like(row))
             nonfinite = (~finite).float().reshape(1)
-        self._add_row(torch.cat([row, nonfinite]), 1)
+        row = torch.cat([row, nonfinite])
+        self._sums = row if self._sums is None else self._sums + row.to(self._sums.device)
+        self._steps += 1
 
     def _row(self, values: Mapping[str, Tensor | float]) -> Tensor:
         missing = set(self.terms) - set(values)
@@ -68,10 +70,6 @@ class EpochStats:
         ref = next((v for v in values.values() if isinstance(v, Tensor)), None)
         device = ref.device if ref is not None else torch.device("cpu")
         return torch.stack([torch.as_tensor(values[k], device=device).detach().float().reshape(()) for k in self.terms])
-
-    def _add_row(self, row: Tensor, steps: int) -> None:
-        self._sums = row if self._sums is None else self._sums + row.to(self._sums.device)
-        self._steps += steps
 
     def state(self) -> tuple[Tensor | None, int]:
         """The raw device-side sums (terms, then the non-finite count) and the step count."""

@@ -95,8 +95,9 @@ def test_epoch_means_skip_a_nonfinite_step_in_the_middle():
         extra = _expected_terms(a, b)["reg_weighted"] if _is_finite_step(a, b) else 0.0
         assert value == pytest.approx(SEG + extra, rel=1e-6)
 
-    means, steps = loss.pop_epoch_means()
-    assert steps == 4 and means["nonfinite_steps"] == 1
+    result = loss.epoch_stats.pop_means()
+    means = result.means
+    assert result.steps == 4 and result.nonfinite_steps == 1
     expected = _finite_means(EPOCH)  # over steps 1, 3 and 4
     assert expected["scr"] == pytest.approx(7 / 3)  # the recipe itself, by hand: (1 + 2 + 4) / 3
     for term in TERMS:
@@ -104,8 +105,9 @@ def test_epoch_means_skip_a_nonfinite_step_in_the_middle():
 
     # the next epoch starts from zero
     _run_steps(loss, taps, EPOCH[2:])
-    means, steps = loss.pop_epoch_means()
-    assert steps == 2 and means["nonfinite_steps"] == 0
+    result = loss.epoch_stats.pop_means()
+    means = result.means
+    assert result.steps == 2 and result.nonfinite_steps == 0
     for term in TERMS:
         assert means[term] == pytest.approx(_finite_means(EPOCH[2:])[term], rel=1e-6), term
 
@@ -175,7 +177,7 @@ def _log_lossnet_epochs(rank: int) -> list[dict]:
             loss(output, target)
         t = _trainer_stand_in(epoch, loss=loss, lossnet_weight=LOSSNET_WEIGHT)
         nnUNetTrainerM2SNet._log_lossnet_epoch(t)
-        record.append({"logged": t.logger.logged, "printed": t.printed, "left": loss.epoch_sum()[1]})
+        record.append({"logged": t.logger.logged, "printed": t.printed, "left": loss.epoch_stats.steps})
     return record
 
 
@@ -207,7 +209,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
             _run_steps(loss, taps, steps)
             t = _selfreg_stand_in(loss, epoch)
             nnUNetTrainerSelfReg._log_selfreg_epoch(t)
-            record.append({"logged": t.logger.logged, "printed": t.printed, "left": loss.epoch_sums()[1]})
+            record.append({"logged": t.logger.logged, "printed": t.printed, "left": loss.epoch_stats.steps})
         Path(out, f"{rank}.json").write_text(json.dumps(record))
         Path(out, f"lossnet{rank}.json").write_text(json.dumps(_log_lossnet_epochs(rank)))
         Path(out, f"ssnet{rank}.json").write_text(json.dumps(_log_ssnet_epochs(rank)))

@@ -22,6 +22,7 @@ from torch import nn
 
 from nnunet_selfreg.losses.lossnet import (
     ENV_VGG16_WEIGHTS,
+    EPOCH_TERM,
     VGG16_IMAGENET_SHA256,
     LossNet,
     MissingVGG16WeightsError,
@@ -358,8 +359,8 @@ def test_segloss_wrapper_adds_weighted_lossnet_in_training_only(random_lossnet):
     total = wrapper(out, tgt)
     prob, gt = probability_and_target_maps(out[0], tgt[0], False)
     assert torch.allclose(total, 0.1 * random_lossnet(prob, gt))
-    mean, steps = wrapper.pop_epoch_mean()
-    assert steps == 1 and np.isclose(mean, 10 * total.item())
+    result = wrapper.epoch_stats.pop_means()
+    assert result.steps == 1 and np.isclose(result.means[EPOCH_TERM], 10 * total.item())
     wrapper.eval()
     assert wrapper(out, tgt) == 0
     assert not random_lossnet.features.training

@@ -47,7 +47,7 @@ def encoder_grads(arch: str, weight: float) -> tuple[torch.Tensor, torch.Tensor,
     out = net(batch(arch))
     loss = loss_fn(out, targets_for(out))
     loss.backward()
-    return loss.detach(), first_stage_grad(net), loss_fn.pop_epoch_means()[0]
+    return loss.detach(), first_stage_grad(net), loss_fn.epoch_stats.pop_means().means
 
 
 def first_stage_grad(net: torch.nn.Module) -> torch.Tensor:
@@ -86,7 +86,7 @@ def test_validation_forward_gives_plain_segmentation_loss_and_no_stats():
         out = net(batch("plain2d"))
         tgt = targets_for(out)
         assert loss_fn(out, tgt).item() == pytest.approx(nnunet_loss(3)(out, tgt).item())
-    assert loss_fn.pop_epoch_means()[1] == 0
+    assert loss_fn.epoch_stats.pop_means().steps == 0
 
 
 def test_nonfinite_regulariser_is_skipped_and_counted():
@@ -105,8 +105,8 @@ def test_nonfinite_regulariser_is_skipped_and_counted():
     assert torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
-    means, steps = loss_fn.pop_epoch_means()
-    assert steps == 1 and means["nonfinite_steps"] == 1
+    result = loss_fn.epoch_stats.pop_means()
+    assert result.steps == 1 and result.nonfinite_steps == 1
 
 
 def test_training_forward_with_a_stage_in_eval_mode_fails_loudly():
@@ -138,7 +138,7 @@ def test_per_term_weights():
     out = net(batch("plain2d"))
     tgt = targets_for(out)
     loss = loss_fn(out, tgt)
-    means, _ = loss_fn.pop_epoch_means()
+    means = loss_fn.epoch_stats.pop_means().means
     seg = nnunet_loss(3)(out, tgt)
     expected = seg + 0.02 * means["scr"] + 0.005 * (means["ifd_enc"] + means["ifd_dec"])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -334,10 +334,10 @@ def _train_and_watch(t: nnUNetTrainerSelfReg, steps: int, marks: tuple[int, ...]
         assert not t.selfreg_taps._encoder and not t.selfreg_taps._decoder, f"step {i}: features kept"
         if i in marks:
             seen[i] = (rss_mb(), live_tensors())
-    sums, n = t.loss.epoch_sums()
+    sums, n = t.loss.epoch_stats.state()
     assert n == steps and not sums.requires_grad and sums.grad_fn is None  # no autograd graph carried over
     t.on_train_epoch_end(outputs)
-    assert t.loss.epoch_sums() == (None, 0)
+    assert t.loss.epoch_stats.state() == (None, 0)
     t.on_train_end()
     return seen
 

@@ -355,12 +355,3 @@ class SegLossWithLossNet(nn.Module):
         term = self.lossnet(prob, gt)
         self.epoch_stats.add({EPOCH_TERM: term})
         return seg + self.weight * term
-
-    def pop_epoch_mean(self) -> tuple[float, int]:
-        """Mean unweighted LossNet term over the steps since the last call, and the step count."""
-        result = self.epoch_stats.pop_means()
-        return result.means[EPOCH_TERM], result.steps
-
-    def epoch_sum(self) -> tuple[Tensor | None, int]:
-        """Raw device-side sums (the term, then the non-finite count) and the step count."""
-        return self.epoch_stats.state()

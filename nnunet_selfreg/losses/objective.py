@@ -85,12 +85,3 @@ class RegularisedSegLoss(nn.Module):
             finite=finite,
         )
         return seg + weighted
-
-    def pop_epoch_means(self) -> tuple[dict[str, float], int]:
-        """Means of each term over the steps since the last call (finite steps only), and steps."""
-        result = self.epoch_stats.pop_means()
-        return result.means | {"nonfinite_steps": float(result.nonfinite_steps)}, result.steps
-
-    def epoch_sums(self) -> tuple[Tensor | None, int]:
-        """Raw device-side sums (the terms, then the non-finite count) and the step count."""
-        return self.epoch_stats.state()
