@@ -9,7 +9,7 @@ import os
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_selfreg.trainers import nnUNetTrainerSelfReg
+from nnunet_selfreg.trainers import nnUNet_Primus_S_TrainerSelfReg, nnUNetTrainerSelfReg
 from nnunet_selfreg.trainers.m2snet import nnUNetTrainerM2SNet
 from nnunet_selfreg.trainers.ssnet import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet
 from nnunet_selfreg.trainers.variants import derive_trainer
@@ -41,6 +41,7 @@ for _base, _name, _configure in (
     (nnUNetTrainerM2SNet, "nnUNetTrainerM2SNetTiny", _m2snet_tiny),
     (nnUNetTrainerSSNet, "nnUNetTrainerSSNetTiny", _ssnet_tiny),
     (nnUNetTrainer_LabeledOnly, "nnUNetTrainer_LabeledOnlyTiny", _tiny_budget),
+    (nnUNet_Primus_S_TrainerSelfReg, "nnUNet_Primus_S_TrainerSelfRegTiny", _tiny_budget),
 ):
     globals()[_name] = derive_trainer(_base, _name, _configure, __name__, f"{_base.__name__} with a tiny test budget.")
 del _base, _name, _configure
