@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from nnunet_selfreg.analysis.gradcam import class_score, grad_cam, normalise_map
-from nnunet_selfreg.analysis.metrics import (
+from nnunet_selfreg.analysis.feature_stats import (
     ChannelMoments,
     CrossMoments,
     effective_rank,
@@ -16,6 +15,7 @@ from nnunet_selfreg.analysis.metrics import (
     linear_cka,
     mean_abs_channel_correlation,
 )
+from nnunet_selfreg.analysis.gradcam import class_score, grad_cam, normalise_map
 from nnunet_selfreg.losses.selfreg import semantic_consistency_loss
 from nnunet_selfreg.taps import UNetFeatureTaps
 from tests.nets import ARCHS, batch, build

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nnunet_selfreg.losses.objective import RegularisedSegLoss
+from nnunet_selfreg.losses.selfreg_objective import RegularisedSegLoss
 
 WEIGHT = 0.25  # λ
 SEG = 0.75  # the segmentation loss of every step

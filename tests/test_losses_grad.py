@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_selfreg.losses import SelfRegRegularizer, internal_feature_distillation_loss, semantic_consistency_loss
-from nnunet_selfreg.losses.objective import _GradientGate
+from nnunet_selfreg.losses.selfreg_objective import _GradientGate
 
 _POOL = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nnunet_selfreg.analysis.gradcam import class_score, grad_cam
-from nnunet_selfreg.analysis.metrics import (
+from nnunet_selfreg.analysis.feature_stats import (
     ChannelMoments,
     CrossMoments,
     channel_correlation,
     effective_rank_of_covariance,
     mean_abs_correlation_of_covariance,
 )
+from nnunet_selfreg.analysis.gradcam import class_score, grad_cam
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.losses.selfreg import pool_to_common_size, semantic_consistency_loss
 from nnunet_selfreg.nnunet_folders import MODEL_FOLDER_LAYOUT, fold_folder, fold_folders, parse_model_folder_name

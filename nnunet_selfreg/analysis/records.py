@@ -1,5 +1,5 @@
 """The records of an analysis: models named and checked against each other, analysed one after the other,
-and everything measured gathered into the ``results.json`` structure that :mod:`.report` writes.
+and everything measured gathered into the ``results.json`` structure that :mod:`.analysis_report` writes.
 
 This is the library side of ``nnunet-selfreg analyze``: the command parses its arguments, loads the models
 and prints progress; what is measured and how it is recorded lives here, so a script can run the same

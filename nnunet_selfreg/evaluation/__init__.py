@@ -3,7 +3,7 @@
 * :mod:`.results`: read and validate result folders (``summary.json``), pair cases across models;
 * :mod:`.metrics`: HD95, normalised surface Dice (MONAI) and instance metrics from the segmentation files;
 * :mod:`.stats`: nnU-Net's means, paired differences (bootstrap CI, Wilcoxon), ranking;
-* :mod:`.report`: ``results.json``, ``report.md`` and figures.
+* :mod:`.comparison_report`: ``results.json``, ``report.md`` and figures.
 """
 
 from nnunet_selfreg.evaluation.results import CompareInputError, Comparison, load_comparison

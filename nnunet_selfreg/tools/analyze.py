@@ -101,7 +101,7 @@ def command_line(args: argparse.Namespace, output: Path) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nnunet_selfreg.analysis import extract, records, report
+    from nnunet_selfreg.analysis import analysis_report, extract, records
     from nnunet_selfreg.analysis.extract import AnalyzeInputError, log
 
     folders = [Path(m).absolute() for m in args.models]
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         extract.check_model_folder(folder, args.fold, args.checkpoint)
     output = Path(args.output).absolute() if args.output else default_output(folders[0])
     try:
-        report.check_output_folder(output, args.overwrite)
+        analysis_report.check_output_folder(output, args.overwrite)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     file_ending, channels = extract.input_spec(folders[0])
@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     results["setup"]["seconds"] = round(time.perf_counter() - started, 1)
     try:
-        written = report.write_outputs(results, displays, output, args.overwrite)
+        written = analysis_report.write_outputs(results, displays, output, args.overwrite)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     log(f"done in {results['setup']['seconds']} s")

@@ -212,7 +212,7 @@ def _print_summary(results: dict, output: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from nnunet_selfreg.evaluation.report import build_results, check_output_folder, write_outputs
+    from nnunet_selfreg.evaluation.comparison_report import build_results, check_output_folder, write_outputs
     from nnunet_selfreg.evaluation.results import build_table, emptiness, load_comparison
     from nnunet_selfreg.evaluation.stats import analyse
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_selfreg.losses.objective import RegularisedSegLoss
 from nnunet_selfreg.losses.selfreg import SelfRegRegularizer
+from nnunet_selfreg.losses.selfreg_objective import RegularisedSegLoss
 from nnunet_selfreg.taps import FeatureTaps, TapPoints, tap_points
 from nnunet_selfreg.trainers.core import (
     epoch_seed,

@@ -1,4 +1,4 @@
-"""nnU-Net's segmentation loss plus a weighted regulariser on tapped features."""
+"""SelfReg's objective: nnU-Net's segmentation loss plus the weighted SelfReg regulariser on the tapped features."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_selfreg.losses import SelfRegRegularizer
-from nnunet_selfreg.losses.objective import RegularisedSegLoss
+from nnunet_selfreg.losses.selfreg_objective import RegularisedSegLoss
 from nnunet_selfreg.taps import UNetFeatureTaps
 from tests.nets import ARCHS, batch, build
 
