@@ -195,6 +195,13 @@ def assert_matches(got: torch.Tensor, golden: dict, rtol: float) -> None:
     assert flat.square().sum().item() == pytest.approx(golden["sq_sum"], rel=rtol)
 
 
+#: relative tolerance of the decoder and unit comparisons. The golden numbers were made on another CPU; on
+#: an AVX-512 machine the eval-mode outputs (magnitudes up to 1e6) differed from them by up to 1.4e-7
+#: relative (measured), which fails 1e-9. A structural deviation (depthwise instead of full fixed filters,
+#: a missing level conv, the encoder feature added to a level) changes the outputs at order 1.
+RTOL = 1e-5
+
+
 def _decoder_input(dec: M2SDecoder) -> list[torch.Tensor]:
     x = features()
     return [x[k].double() for k in FEATURE_SHAPES]
@@ -207,7 +214,7 @@ def test_decoder_matches_reference(net, mode):
     dec = our_decoder(multi_scale=net == "M2SNet").train(mode == "train")
     with torch.no_grad():
         out = dec(_decoder_input(dec))
-    assert_matches(out, _golden()[f"{net}_{mode}"], rtol=1e-9)
+    assert_matches(out, _golden()[f"{net}_{mode}"], rtol=RTOL)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -218,7 +225,7 @@ def test_subtraction_unit_matches_reference(mode):
     x = features()
     with torch.no_grad():
         out = unit(x["unit_a"].double(), x["unit_b"].double(), dec.fixed_filters)
-    assert_matches(out, _golden()[f"unit_{mode}"], rtol=1e-9)
+    assert_matches(out, _golden()[f"unit_{mode}"], rtol=RTOL)
 
 
 def test_lossnet_matches_reference(tmp_path):

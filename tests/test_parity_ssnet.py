@@ -149,12 +149,16 @@ def test_vat_step_matches_the_reference(dim):
 
     assert lds.item() == pytest.approx(case["lds"], rel=RTOL)
     # the direction: its norm, its projections on 8 random unit vectors and 16 entries
-    assert_summary(summarise(r, 40 + dim), case["r"], atol=1e-7)
+    # r and d have unit norm; they pass through float32 forward and backward passes whose rounding differs
+    # between CPUs: probe dots differed from the golden numbers by up to 2.6e-7 on an AVX-512 machine
+    # (measured), so 1e-6 of the unit norm is the tolerance; another direction changes them by their own
+    # size (1e-3 to 5e-2)
+    assert_summary(summarise(r, 40 + dim), case["r"], atol=1e-6)
     assert all(p.grad is None for p in net.parameters()), "the direction search must not touch parameters"
 
     # the start direction is the reference's uniform draw; the Gaussian option draws another one
     d = random_unit_direction(x.shape, torch.Generator().manual_seed(case["direction_seed"]), init="uniform")
-    assert_summary(summarise(d, 50 + dim), case["d"], atol=1e-7)
+    assert_summary(summarise(d, 50 + dim), case["d"], atol=1e-6)
     d_gauss = random_unit_direction(x.shape, torch.Generator().manual_seed(case["direction_seed"]), init="gaussian")
     assert summarise(d_gauss, 50 + dim)["entries"] != pytest.approx(case["d"]["entries"], abs=1e-3)
 
