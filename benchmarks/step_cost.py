@@ -118,6 +118,10 @@ def setup_nnunet_env(root: Path) -> None:
         "labels": {"background": 0, "organ": 1, "lesion": 2},
         "numTraining": 1000,  # large: nnU-Net's 5 %-of-the-dataset cap on the batch size never binds
         "file_ending": ".nii.gz",
+        # An explicit (empty) file list: without one, the planner lists imagesTr through a fork Pool of 12
+        # workers, and a worker forked from this process (torch loaded) can deadlock on a lock it inherited:
+        # seen twice on a 2-core machine (CI and a local dry run), a worker on a futex until `timeout` came.
+        "dataset": {},
     }
     fingerprint = {
         "spacings": [[1.0, 1.0, 1.0]],
@@ -318,10 +322,21 @@ class TimeBudgetExceeded(Exception):
 _MAIN_PID = os.getpid()
 
 
+def _where(frame: Any, depth: int = 4) -> str:
+    """The innermost ``depth`` frames as ``file:line function``, innermost first (where a stop hit)."""
+    parts = []
+    while frame is not None and len(parts) < depth:
+        parts.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        frame = frame.f_back
+    return " < ".join(parts)
+
+
 def _raise_time_budget(signum: int, frame: Any) -> None:
     if os.getpid() != _MAIN_PID:  # a forked worker (nnU-Net's planner uses a Pool): end as SIGTERM would
         os._exit(128 + signum)
-    raise TimeBudgetExceeded(f"stopped by signal {signal.Signals(signum).name}")
+    where = _where(frame)
+    log(f"stopped by signal {signal.Signals(signum).name} at {where}")
+    raise TimeBudgetExceeded(f"stopped by signal {signal.Signals(signum).name} at {where}")
 
 
 @dataclass
@@ -859,7 +874,8 @@ def record_steps(result: dict[str, Any], run: StepRun, variants: Sequence[str]) 
     errors = dict(run.errors)
     for v in variants:
         if v not in measured and v not in errors:
-            errors[v] = f"no complete timed round ({run.stopped or result.get('error') or 'not reached'})"
+            why = run.stopped or result.get("stopped") or result.get("error") or "not reached"
+            errors[v] = f"no complete timed round ({why})"
     result["errors"] = errors
     result["stopped"] = run.stopped
 
