@@ -194,57 +194,52 @@ def _setup_section(r: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _metric_sections(r: dict) -> list[str]:
+def _metric_block(r: dict, key: str, caption: str, cell) -> list[str]:
+    """A metric's caption, its figure (the file ``METRICS`` names for ``key``) and its stage-by-model table."""
+    title, figure = next((title, name) for k, title, _, name in METRICS if k == key)
     names = [m["name"] for m in r["models"]]
-    out = ["## Semantic consistency with F_final", ""]
-    out += [
-        "Linear CKA between each stage and `F_final` (in parentheses: the same with `F_final`'s positions "
-        "shuffled within each case, the value that no spatial correspondence gives). Higher: the stage's "
-        "features are closer to a linear re-encoding of the final features.",
+    return [caption, "", f"![{title}]({figure})", "", *markdown_table(["stage", *names], _stage_rows(r, cell))]
+
+
+def _correlation_cell(s: dict) -> str:
+    constant = f" ({s['constant_channels']} constant)" if s["constant_channels"] else ""
+    return _f(s["mean_abs_correlation"]) + constant
+
+
+def _metric_sections(r: dict) -> list[str]:
+    return [
+        "## Semantic consistency with F_final",
         "",
-        "![CKA](cka.png)",
-        "",
-    ]
-    out += markdown_table(
-        ["stage", *names],
-        _stage_rows(r, lambda s: f"{_f(s['cka'])} ({_f(s['cka_shuffled'])}) n={s['cka_samples']}"),
-    )
-    out += [
-        "SCR distance to `F_final` (the regulariser's own value: MSE between random channel pairs after "
-        "pooling, averaged over draws and cases; `F_final` is the teacher and has none). Lower: closer.",
-        "",
-        "![SCR](scr.png)",
-        "",
-    ]
-    out += markdown_table(["stage", *names], _stage_rows(r, lambda s: _f(s["scr"], 4)))
-    out += ["## Channel redundancy", ""]
-    out += [
-        "Mean absolute Pearson correlation between distinct channels (lower: less redundant).",
-        "",
-        "![correlation](channel_correlation.png)",
-        "",
-    ]
-    out += markdown_table(
-        ["stage", *names],
-        _stage_rows(
+        *_metric_block(
             r,
-            lambda s: (
-                _f(s["mean_abs_correlation"])
-                + (f" ({s['constant_channels']} constant)" if s["constant_channels"] else "")
-            ),
+            "cka",
+            "Linear CKA between each stage and `F_final` (in parentheses: the same with `F_final`'s positions "
+            "shuffled within each case, the value that no spatial correspondence gives). Higher: the stage's "
+            "features are closer to a linear re-encoding of the final features.",
+            lambda s: f"{_f(s['cka'])} ({_f(s['cka_shuffled'])}) n={s['cka_samples']}",
         ),
-    )
-    out += [
-        "Effective rank of the channel covariance / number of channels (higher: more directions used).",
+        *_metric_block(
+            r,
+            "scr",
+            "SCR distance to `F_final` (the regulariser's own value: MSE between random channel pairs after "
+            "pooling, averaged over draws and cases; `F_final` is the teacher and has none). Lower: closer.",
+            lambda s: _f(s["scr"], 4),
+        ),
+        "## Channel redundancy",
         "",
-        "![effective rank](effective_rank.png)",
-        "",
+        *_metric_block(
+            r,
+            "mean_abs_correlation",
+            "Mean absolute Pearson correlation between distinct channels (lower: less redundant).",
+            _correlation_cell,
+        ),
+        *_metric_block(
+            r,
+            "effective_rank",
+            "Effective rank of the channel covariance / number of channels (higher: more directions used).",
+            lambda s: f"{_f(s['effective_rank'], 1)} / {s['channels']} ({_f(s['effective_rank_ratio'])})",
+        ),
     ]
-    out += markdown_table(
-        ["stage", *names],
-        _stage_rows(r, lambda s: f"{_f(s['effective_rank'], 1)} / {s['channels']} ({_f(s['effective_rank_ratio'])})"),
-    )
-    return out
 
 
 def _gradcam_section(r: dict) -> list[str]:
