@@ -21,6 +21,25 @@ TEST_EXT_TRAINERS = TESTS_DIR / "ext_trainers"
 BIN = Path(sys.executable).parent
 
 
+def verify_with_nnunet(folder: Path, timeout: float = 600) -> None:
+    """nnU-Net's own ``verify_dataset_integrity`` on a raw dataset folder, in a fresh interpreter.
+
+    nnU-Net lists a dataset's images through a ``fork`` Pool: forked from the test process (torch
+    loaded and used, its threads running) a worker can deadlock on a lock it inherited, so the check
+    runs where ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` runs it, first thing in a
+    new process.
+    """
+    code = (
+        "import sys\n"
+        "from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity\n"
+        "verify_dataset_integrity(sys.argv[1], num_processes=1)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, f"nnU-Net's dataset check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
 def small_2d_plans(preprocessed_dataset: Path, shrink: bool = True) -> tuple[dict, dict]:
     """(plans, dataset.json) of a preprocessed dataset with 32x32 patches for in-process trainers.
 

@@ -31,18 +31,13 @@ from nnunet_selfreg.data.dsb2018 import (
     tile_slices,
     to_uint8,
 )
+from tests.harness import verify_with_nnunet
 
 
 def _read_png(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _verify(folder: Path) -> None:
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-
-    verify_dataset_integrity(str(folder), num_processes=1)
 
 
 @pytest.fixture
@@ -135,7 +130,7 @@ def test_real_dataset_files_and_nnunet_integrity(boundary_dataset: dsb2018.Datas
     for needle in (STARDIST_WHEEL_SHA256, STARDIST_WHEEL_NAME, "BSD-3-Clause", "CC0", "not a clinical"):
         assert needle in readme
     assert (folder / "PROVENANCE.md").is_file()
-    _verify(folder)
+    verify_with_nnunet(folder)
 
 
 def test_binary_dataset_passes_integrity(wheel: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -145,7 +140,7 @@ def test_binary_dataset_passes_integrity(wheel: Path, cache_dir: Path, tmp_path:
     assert meta["labels"] == {"background": 0, "nucleus": 1}
     labels = np.stack([_read_png(p) for p in sorted((info.folder / "labelsTr").glob("*.png"))])
     assert set(np.unique(labels)) == {0, 1}
-    _verify(info.folder)
+    verify_with_nnunet(info.folder)
 
 
 def test_semantic_labels_by_hand() -> None:
@@ -232,4 +227,4 @@ def test_offline_fallback(local_pip: Path, tmp_path: Path, capsys: pytest.Captur
     assert info.source == dsb2018.SOURCE_SYNTHETIC and info.num_cases == 4 and info.tile_shape == (256, 256)
     assert "SYNTHETIC" in capsys.readouterr().out
     assert "not real data" in (info.folder / "README.md").read_text()
-    _verify(info.folder)
+    verify_with_nnunet(info.folder)

@@ -33,6 +33,7 @@ from nnunet_selfreg.data.inia19 import (
     read_deb_files,
     select_blocks,
 )
+from tests.harness import verify_with_nnunet
 
 EXPECTED_LABELS = {
     "background": 0,
@@ -139,32 +140,7 @@ def test_labels_are_the_documented_groups(built: inia19.DatasetInfo, source) -> 
     assert set(np.unique(labels).tolist()) == set(range(6))
 
 
-class _SerialPool:
-    """Stands in for nnU-Net's spawn pool: the same checks, run in this process (a spawned interpreter can take
-    minutes to start on a loaded 2-core machine)."""
-
-    def __init__(self, *args) -> None:
-        pass
-
-    def __enter__(self) -> _SerialPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def starmap(self, func, iterable) -> list:
-        return [func(*args) for args in iterable]
-
-
-def test_provenance_licence_and_nnunet_integrity(built: inia19.DatasetInfo, monkeypatch) -> None:
-    import types
-
-    from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
-
-    monkeypatch.setattr(
-        vdi, "multiprocessing", types.SimpleNamespace(get_context=lambda _: types.SimpleNamespace(Pool=_SerialPool))
-    )
-
+def test_provenance_licence_and_nnunet_integrity(built: inia19.DatasetInfo) -> None:
     readme = (built.folder / "README.md").read_text()
     for needle in (DEB_SHA256, DEB_NAME, T1_MEMBER, ATLAS_MEMBER, "Rohlfing", "BSD-3-clause", "Files: *",
                    "not a clinical", "neighbouring", "| 1 | `neuromaps_055` | 55, 1055 | 67768 |"):  # fmt: skip
@@ -174,7 +150,7 @@ def test_provenance_licence_and_nnunet_integrity(built: inia19.DatasetInfo, monk
     blocks = json.loads((built.folder / "inia19_blocks.json").read_text())
     assert len(blocks["cases"]) == 20 and blocks["face_stats"]["pairs"] == built.face_stats["pairs"] > 0
     assert 0.5 < built.face_stats["r_adjacent_mean"] <= 1 and abs(built.face_stats["r_far_mean"]) < 0.5
-    vdi.verify_dataset_integrity(str(built.folder), num_processes=1)
+    verify_with_nnunet(built.folder)
 
 
 def test_select_blocks_and_face_stats_by_hand() -> None:
