@@ -36,7 +36,9 @@ from nnunet_selfreg.networks.m2snet import FixedFilter, M2SNet, MSNet, PlanOps, 
 from tests.nets import _COMMON_2D, _COMMON_3D, _REQ
 
 TRAINER = "nnUNetTrainerM2SNetTiny"  # tests/ext_trainers: nnUNetTrainerM2SNet with a tiny budget
-E2E_EPOCHS, E2E_ITERS = "2", "10"  # enough for the trained network to beat the untrained one clearly
+# 80 steps: the trained network reached Dice 0.888-0.941 in four runs (untrained 0.233); 20 steps gave
+# 0.379 and 0.069 in the two CI runs it failed (the last one below the untrained network)
+E2E_EPOCHS, E2E_ITERS = "4", "20"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -684,6 +686,5 @@ def test_m2snet_2d_train_and_predict_through_the_clis(nnenv, ds2d, tmp_path):
             assert seg.shape == ref.shape == (64, 64) and set(np.unique(seg)) <= {0, 1, 2}
             scores.append(_dice(seg, ref))
         dice[chk] = float(np.mean(scores))
-    # 20 steps are not deterministic: a clean CI run on 2026-12-03 gave 0.379 trained vs 0.233 untrained
-    # (seeded, so fixed), which failed the earlier margin of 0.2; 0.1 still fails an untrained-like model
-    assert dice["checkpoint_final.pth"] > dice["checkpoint_untrained.pth"] + 0.1, dice
+    # training is not deterministic: the margin leaves 0.35 below the lowest of four runs at this budget
+    assert dice["checkpoint_final.pth"] > dice["checkpoint_untrained.pth"] + 0.3, dice

@@ -101,7 +101,7 @@ def test_ssnet_train_continue_validate_predict(nnenv, semisup2d, tmp_path):
     val = splits[0]["val"]
     trained = _mean_foreground_dice(nnenv, semisup2d, val, ckpt["network_weights"])
     untrained = _mean_foreground_dice(nnenv, semisup2d, val, None)
-    assert trained > untrained + 0.2, (trained, untrained)
+    assert trained > untrained + 0.2, (trained, untrained)  # 0.52-0.74 vs 0.119 in three runs (2026-12-03)
 
     # stock nnUNetv2_predict (loads the network weights strictly)
     inp = tmp_path / "in"
