@@ -119,8 +119,8 @@ def setup_nnunet_env(root: Path) -> None:
         "numTraining": 1000,  # large: nnU-Net's 5 %-of-the-dataset cap on the batch size never binds
         "file_ending": ".nii.gz",
         # An explicit (empty) file list: without one, the planner lists imagesTr through a fork Pool of 12
-        # workers, and a worker forked from this process (torch loaded) can deadlock on a lock it inherited:
-        # seen twice on a 2-core machine (CI and a local dry run), a worker on a futex until `timeout` came.
+        # workers, and twice (CI and a local dry run) a worker sat on a lock until `timeout` stopped the
+        # section (docs/performance.md). With this list nothing forks.
         "dataset": {},
     }
     fingerprint = {
@@ -332,7 +332,7 @@ def _where(frame: Any, depth: int = 4) -> str:
 
 
 def _raise_time_budget(signum: int, frame: Any) -> None:
-    if os.getpid() != _MAIN_PID:  # a forked worker (nnU-Net's planner uses a Pool): end as SIGTERM would
+    if os.getpid() != _MAIN_PID:  # a forked child (nnU-Net forks Pools in places): end as SIGTERM would
         os._exit(128 + signum)
     where = _where(frame)
     log(f"stopped by signal {signal.Signals(signum).name} at {where}")

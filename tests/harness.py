@@ -24,10 +24,10 @@ BIN = Path(sys.executable).parent
 def verify_with_nnunet(folder: Path, timeout: float = 600) -> None:
     """nnU-Net's own ``verify_dataset_integrity`` on a raw dataset folder, in a fresh interpreter.
 
-    nnU-Net lists a dataset's images through a ``fork`` Pool: forked from the test process (torch
-    loaded and used, its threads running) a worker can deadlock on a lock it inherited, so the check
-    runs where ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` runs it, first thing in a
-    new process.
+    nnU-Net lists a dataset's images through a ``fork`` Pool, whose workers twice hung in a benchmark
+    (docs/performance.md). Forked from the test process (torch loaded and used, its threads running)
+    they would inherit far more state, so the check runs where ``nnUNetv2_plan_and_preprocess
+    --verify_dataset_integrity`` runs it, first thing in a new process.
     """
     code = (
         "import sys\n"

@@ -23,7 +23,7 @@ SCRIPT = REPO / "benchmarks" / "device_check.sh"
 METHODS = {"nnUNetTrainer", "SelfReg", "SCROnly", "IFDOnly", "SSNet", "M2SNet", "M2SNetNoLossNet"}
 SECTIONS = ("install", "env", "dataset", "step_cost_3d_fullres", "step_cost_2d", "train", "predict")
 
-pytestmark = pytest.mark.cli_e2e  # about 100 s: run by .ci/run after the default run
+pytestmark = pytest.mark.cli_e2e  # 63-78 s idle (docs/performance.md): run by .ci/run after the default run
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """benchmarks/step_cost.py plans without forking: a process with torch loaded must not fork workers.
 
 nnU-Net's planner lists a dataset's imagesTr through a ``fork`` Pool unless the dataset.json lists the
-files itself. A worker forked from a process that has torch loaded can deadlock on a lock it inherited;
-the GPU script's dry run once spent its whole 300 s cap that way. This runs the benchmark's own
-planning in a fresh interpreter (nnU-Net reads its folder variables at import) and counts forks.
+files itself. Twice a worker of that Pool sat on a lock until the GPU script's dry run hit its 300 s
+cap (docs/performance.md). This runs the benchmark's own planning in a fresh interpreter (nnU-Net
+reads its folder variables at import) and counts forks.
 """
 
 from __future__ import annotations
