@@ -1,13 +1,15 @@
-"""The README's Python as a user runs it, and the package's top level that it imports from.
+"""The README's code as a user runs it, and the package's top level that it imports from.
 
 Every ``python`` code block of README.md is executed as written; each nnU-Net trainer it defines is
 built on the tests' preprocessed 2d dataset and initialised (network, loss, the hyper-parameters'
-checks), so a missing import or a wrong attribute in the README fails here.
+checks), so a missing import or a wrong attribute in the README fails here. The CPU quick start
+(a ``bash`` block) runs as written in a fresh folder (``cli_e2e``: it trains two models).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 import nnunet_selfreg
 from nnunet_selfreg import trainers
+from tests.harness import BIN
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -71,3 +74,29 @@ def test_every_readme_python_block_runs_as_written(nnunet_paths, ds2d, tmp_path,
     assert built, "the README defines no trainer"
     selfreg = [t for t in built if hasattr(t, "selfreg_term_weights")]
     assert selfreg and all(all(w > 0 for w in t.selfreg_term_weights().values()) for t in selfreg)
+
+
+def readme_section_bash(title: str) -> str:
+    section = README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return block
+
+
+@pytest.mark.cli_e2e
+def test_the_cpu_quick_start_runs_as_written(tmp_path):
+    block = readme_section_bash("First steps on a CPU")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "NNUNET_SELFREG_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    root = tmp_path / "first_steps"
+    results = root / "nnUNet_results" / "Dataset901_SelfRegSynthetic"
+    for trainer in ("nnUNetTrainerSelfReg_Budget", "nnUNetTrainer_Budget"):
+        fold = results / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+        checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert checkpoint["current_epoch"] == 2 and checkpoint["trainer_name"] == trainer
+        summary = json.loads((fold / "validation" / "summary.json").read_text())
+        assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
+    assert len(list((root / "predictions").glob("case_*.png"))) == 10
