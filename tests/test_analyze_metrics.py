@@ -205,3 +205,17 @@ def test_taps_capture_eval_mode_only_when_asked():
     default.detach()
     eval_taps.detach()
     assert sum(len(m._forward_hooks) for m in net.modules()) == 0
+
+
+def test_gradcam_row_labels_wrap_at_name_separators():
+    from nnunet_selfreg.analysis.analysis_report import _wrap_name
+
+    for name in (
+        "nnUNetTrainerSelfReg_Budget",
+        "Dataset950_DSB2018Nuclei/nnUNetTrainer_Rep2__nnUNetPlans__2d",
+        "short",
+    ):
+        lines = _wrap_name(name, width=22).split("\n")
+        assert "".join(lines) == name and all(len(line) <= 22 for line in lines), lines
+    assert _wrap_name("nnUNetTrainerSelfReg_Budget", width=22) == "nnUNetTrainerSelfReg_\nBudget"
+    assert _wrap_name("a" * 30, width=22) == "a" * 30  # nothing to break at: kept whole

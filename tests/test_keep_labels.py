@@ -60,6 +60,21 @@ def test_cli_needs_images_or_keep_labels(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("nnUNet_raw", str(raw))
     assert main(["add-unlabeled", "-d", "41"]) == 2
     assert "give -i UNLABELED_FOLDER, or --keep-labels N" in capsys.readouterr().err
+    assert main(["add-unlabeled", "-d", "41", "--keep-labels", "0"]) == 2  # checked before anything is announced
+    captured = capsys.readouterr()
+    assert "keep at least 1" in captured.err and captured.out == ""
     assert main(["add-unlabeled", "-d", "41", "--keep-labels", "3", "-o", "42"]) == 0
     out = capsys.readouterr().out
-    assert "3 case(s) lost their labels" in out and "train fold 'all' or keep more labels" in out
+    assert out.startswith(
+        "adding no new images to Dataset041_SelfRegSynthetic, keeping the labels of 3 cases as dataset 42"
+    )
+    assert "\n  3 cases lost their labels" in out
+    # 3 labelled cases: nnU-Net's 5 folds cannot be made, so only fold 'all' is suggested
+    assert "5-fold cross-validation needs at least 5" in out and "FOLD" not in out
+    assert "nnUNetv2_train 42 CONFIGURATION all -tr nnUNetTrainerSSNet" in out
+    assert main(["add-unlabeled", "-d", "41", "--keep-labels", "10%", "-o", "43"]) == 0
+    out = capsys.readouterr().out
+    assert "keeping the labels of 10% of its labelled cases as dataset 43" in out and "note: 1 case with labels:" in out
+    assert main(["add-unlabeled", "-d", "41", "--keep-labels", "5", "-o", "44"]) == 0
+    out = capsys.readouterr().out
+    assert "nnUNetv2_train 44 CONFIGURATION FOLD -tr nnUNetTrainerSSNet" in out and " all -tr" not in out

@@ -242,8 +242,16 @@ def test_export_stock_errors_are_clear(fake_model, tmp_path, capsys):
     assert "no fold_*/checkpoint_*.pth" in error(fake_model, out)
     assert "does not exist" in error(tmp_path / "nope", out)
     assert "pass the model folder" in error(fake_model / "fold_0", out)
-    assert "pass one of them" in error(fake_model.parent, out)
+    # a killed run's folder (plans.json, fold_0, no checkpoint) is not offered as a model to export
+    no_model = error(fake_model.parent, out)
+    assert "pass one of them" not in no_model
+    assert f"; {fake_model.name} has no fold_*/checkpoint_*.pth (a training stopped before" in no_model
     _checkpoint(fake_model, network_weights={"conv.weight": torch.zeros(1)})
+    killed = fake_model.parent / "nnUNetTrainer__nnUNetPlans__2d"
+    (killed / "fold_0").mkdir(parents=True)
+    (killed / "plans.json").write_text("{}")
+    both = error(fake_model.parent, out)
+    assert f"it holds the model folders {fake_model.name}: pass one of them; {killed.name} has no fold_*" in both
     assert "never modified" in error(fake_model, fake_model / "copy")
     assert "do not fit the network that the stock nnUNetTrainer builds" in error(fake_model, out)
     torch.save({"state_dict": {}}, fake_model / "fold_0" / "checkpoint_final.pth")

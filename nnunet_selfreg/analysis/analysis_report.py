@@ -7,6 +7,7 @@ folder is replaced only when asked to.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,17 +83,38 @@ def _metric_figure(results: dict, key: str, title: str, ylabel: str, path: Path,
         axes[0].set_yscale("log")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    axes[0].legend(fontsize=9, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _wrap_name(name: str, width: int = 22) -> str:
+    """``name`` on lines of about ``width`` characters, broken after ``/`` or ``_`` (model names have no spaces)."""
+    parts = re.findall(r"[^/_]*(?:/|_+|$)", name)
+    lines, line = [], ""
+    for part in filter(None, parts):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join([*lines, line] if line else lines)
+
+
+#: Grad-CAM grid: inches per map, font sizes in points (readable at the width a report shows the PNG)
+_CAM_CELL, _CAM_LABEL_WIDTH, _CAM_FONT, _CAM_TITLE_FONT = 1.9, 2.2, 11, 12
+
+
 def _gradcam_figure(results: dict, displays: dict[str, dict], path: Path, plt) -> None:
     models = [m for m in results["models"] if m["name"] in displays]
     n_cols = 1 + max(len(m["stages"]) for m in models)
-    fig, axes = plt.subplots(len(models), n_cols, figsize=(1.7 * n_cols, 1.9 * len(models) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        len(models),
+        n_cols,
+        figsize=(_CAM_LABEL_WIDTH + _CAM_CELL * n_cols, (_CAM_CELL + 0.35) * len(models) + 0.9),
+        squeeze=False,
+    )
     for row, model in enumerate(models):
         d = displays[model["name"]]
         image = d["image"]
@@ -100,9 +122,9 @@ def _gradcam_figure(results: dict, displays: dict[str, dict], path: Path, plt) -
         ax = axes[row, 0]
         ax.imshow(image, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
         if d["region"].any():
-            ax.contour(d["region"].astype(float), levels=[0.5], colors="yellow", linewidths=0.6)
-        ax.set_ylabel(model["name"].replace("__", "__\n").replace("/", "/\n"), fontsize=7)
-        ax.set_title("input + region" if row == 0 else "", fontsize=8)
+            ax.contour(d["region"].astype(float), levels=[0.5], colors="yellow", linewidths=0.8)
+        ax.set_ylabel(_wrap_name(model["name"]), fontsize=_CAM_FONT, rotation=0, ha="right", va="center")
+        ax.set_title("input + region", fontsize=_CAM_FONT)
         for col in range(1, n_cols):
             ax = axes[row, col]
             if col - 1 < len(d["maps"]):
@@ -110,7 +132,7 @@ def _gradcam_figure(results: dict, displays: dict[str, dict], path: Path, plt) -
                 peak = float(cam.max())
                 ax.imshow(image, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
                 ax.imshow(cam / peak if peak > 0 else cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-                ax.set_title(model["stages"][col - 1]["stage"], fontsize=8)
+                ax.set_title(model["stages"][col - 1]["stage"], fontsize=_CAM_FONT)
             else:
                 ax.set_visible(False)
         for ax in axes[row]:
@@ -119,10 +141,11 @@ def _gradcam_figure(results: dict, displays: dict[str, dict], path: Path, plt) -
     cam = results["setup"]["gradcam"]
     where = "central slice, " if results["setup"]["spatial_dims"] == 3 else ""
     fig.suptitle(
-        f"Grad-CAM toward '{cam['class']}' on case {cam['case']} ({where}each map scaled to its maximum)", fontsize=9
+        f"Grad-CAM toward '{cam['class']}' on case {cam['case']} ({where}each map scaled to its maximum)",
+        fontsize=_CAM_TITLE_FONT,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=75)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -58,9 +58,56 @@ def _new_id(requested: int | None, source_id: int, raw: Path, preprocessed: Path
     return requested
 
 
-def _progress(done: int, total: int, message: str) -> None:
-    if done == total or done % max(1, total // 10) == 0 or message.startswith("copied"):
-        print(f"  [{done}/{total}] {message}", flush=True)
+def _cases(n: int) -> str:
+    return f"{n} case{'' if n == 1 else 's'}"
+
+
+def _keeping(spec: str | None) -> str:
+    """``--keep-labels`` in words: ``N`` cases or ``P%`` of the labelled cases."""
+    if spec is None:
+        return ""
+    text = str(spec).strip()
+    if text.endswith("%"):
+        return f", keeping the labels of {text} of its labelled cases"
+    return f", keeping the labels of {_cases(int(text)) if text.isdigit() else text + ' case(s)'}"
+
+
+class _Progress:
+    """Progress lines; the first one is preceded by ``header``, so nothing is announced before the input is checked.
+
+    The dataset builder checks its arguments and the source dataset before it copies anything and reports
+    progress only while copying, so such an error ends the command before any "adding ... as dataset N" line.
+    """
+
+    def __init__(self, header: str) -> None:
+        self.header = header
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if self.header:
+            print(self.header, flush=True)
+            self.header = ""
+        if done == total or done % max(1, total // 10) == 0 or message.startswith("copied"):
+            print(f"  [{done}/{total}] {message}", flush=True)
+
+
+def _next_steps(new_id: int, n_labeled: int) -> list[str]:
+    """The commands that work for this many labelled cases (nnU-Net's 5 folds need 5)."""
+    steps = [f"  nnUNetv2_plan_and_preprocess -d {new_id} --verify_dataset_integrity"]
+    if n_labeled >= 5:
+        return [
+            *steps,
+            f"  nnUNetv2_train {new_id} CONFIGURATION FOLD -tr nnUNetTrainerSSNet   # 2d, 3d_fullres, ...; FOLD 0-4",
+            f"  nnUNetv2_train {new_id} CONFIGURATION FOLD -tr nnUNetTrainer_LabeledOnly   # baseline, same folds",
+        ]
+    return [
+        f"  note: {_cases(n_labeled)} with labels: nnU-Net's 5-fold cross-validation needs "
+        "at least 5, so folds 0-4 cannot be trained. Fold 'all' trains on every labelled case (its validation "
+        "scores those same cases: no held-out result); for a held-out result keep more labels, or write your own "
+        "splits_final.json into the dataset's nnUNet_preprocessed folder (unlabelled cases in 'train' only)",
+        *steps,
+        f"  nnUNetv2_train {new_id} CONFIGURATION all -tr nnUNetTrainerSSNet   # 2d, 3d_fullres, ...",
+        f"  nnUNetv2_train {new_id} CONFIGURATION all -tr nnUNetTrainer_LabeledOnly   # baseline, same cases",
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.unlabeled is None and args.keep_labels is None:
         raise UserError("give -i UNLABELED_FOLDER, or --keep-labels N (or P%) to strip the labels of the other cases")
     what = f"the unlabelled images of {Path(args.unlabeled).absolute()}" if args.unlabeled else "no new images"
-    keep = f", keeping the labels of {args.keep_labels} case(s)" if args.keep_labels else ""
-    print(f"adding {what} to {source.name}{keep} as dataset {new_id}")
+    progress = _Progress(f"adding {what} to {source.name}{_keeping(args.keep_labels)} as dataset {new_id}")
     try:
         target = build_semi_supervised_dataset(
             source,
@@ -90,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             new_id,
             name=args.name,
             prefix=args.prefix,
-            progress=_progress,
+            progress=progress,
             keep_labels=args.keep_labels,
             keep_seed=args.seed,
         )
@@ -113,15 +159,11 @@ def run(args: argparse.Namespace) -> int:
     withheld = entry.get("withheld_labels")
     if withheld:
         print(
-            f"  {len(withheld['cases'])} case(s) lost their labels (kept in {target / withheld['folder']}); "
+            f"  {_cases(len(withheld['cases']))} lost their labels (kept in {target / withheld['folder']}); "
             f"labelled: {', '.join(withheld['kept'])}"
         )
-        if entry["labeled_cases"] < 5:
-            print("  note: nnU-Net's 5-fold split needs >= 5 labelled cases; train fold 'all' or keep more labels")
     print("next:")
-    print(f"  nnUNetv2_plan_and_preprocess -d {new_id} --verify_dataset_integrity")
-    print(f"  nnUNetv2_train {new_id} CONFIGURATION FOLD -tr nnUNetTrainerSSNet   # 2d, 3d_fullres, ...")
-    print(f"  nnUNetv2_train {new_id} CONFIGURATION FOLD -tr nnUNetTrainer_LabeledOnly   # baseline, same folds")
+    print("\n".join(_next_steps(new_id, int(entry["labeled_cases"]))))
     return 0
 
 

@@ -4,23 +4,78 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import subprocess
 import sys
 import sysconfig
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from nnunet_selfreg import _discovery
 from nnunet_selfreg.nnunet_folders import ENV_VARS, unset_message
 
-_PROBE = (
-    "import sys\n"
-    "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
-    "import contextlib, io\n"
-    "with contextlib.redirect_stdout(io.StringIO()):\n"
-    "    c = f(sys.argv[1])\n"
-    "print(c.__module__ + '.' + c.__qualname__)\n"
-)
+#: nnU-Net's own trainer lookup, then its own walk of every nnUNet_extTrainer folder (to name a module
+#: that fails to import): one fresh interpreter, one JSON line on stdout
+_PROBE = r"""
+import contextlib, io, json, os, sys, traceback
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+def error(e):
+    text = str(e).strip().splitlines()
+    return type(e).__name__ + (": " + text[0] if text else "")
+
+def where(e, folder):
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.abspath(f.filename).startswith(os.path.join(os.path.abspath(folder), ""))]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+
+out = {"found": None, "lookup_error": None, "failures": []}
+try:
+    with contextlib.redirect_stdout(io.StringIO()):
+        c = recursive_find_trainer_class_by_name(sys.argv[1])
+    out["found"] = c.__module__ + "." + c.__qualname__
+except Exception as e:
+    out["lookup_error"] = error(e)
+for folder in [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]:
+    if not os.path.isdir(folder):
+        continue
+    log = io.StringIO()
+    try:  # a class name no module defines: nnU-Net's walk imports every module of the folder
+        with contextlib.redirect_stdout(log):
+            recursive_find_python_class(folder, "NnunetSelfregDoctorNoSuchClass", None, base_folder=folder,
+                                        verbose=True, cleanup_imports_from_base_folder=True)
+    except Exception as e:
+        inspected = [ln.split(":", 1)[1].strip() for ln in log.getvalue().splitlines()
+                     if ln.strip().startswith("Inspecting module:")]
+        module = inspected[-1] if inspected else None
+        out["failures"].append({"folder": folder, "module": module, "error": error(e), "where": where(e, folder),
+                                "file": os.path.join(folder, *module.split(".")) + ".py" if module else None})
+print(json.dumps(out))
+"""
+
+#: what the .pth start-up hook runs (without its ``except Exception: pass``), on a copy of the environment
+#: without our folder, so that the registration really runs and any exception is seen
+_REGISTER_PROBE = r"""
+import json, os, sys, traceback
+env = dict(os.environ)
+out = {"error": None, "changed": None, "module": None}
+try:
+    import nnunet_selfreg._discovery as d
+    out["module"] = d.__file__
+    ours = os.path.normcase(os.path.realpath(d.EXT_TRAINER_DIR))
+    env[d.ENV_VAR] = os.pathsep.join(p for p in env.get(d.ENV_VAR, "").split(os.pathsep)
+                                     if p.strip() and os.path.normcase(os.path.realpath(p)) != ours)
+    out["changed"] = d.register(env)
+except Exception as e:
+    last = traceback.extract_tb(e.__traceback__)[-1]
+    text = str(e).strip().splitlines()
+    out["error"] = f"{type(e).__name__}" + (f": {text[0]}" if text else "") + f" ({last.filename}:{last.lineno})"
+print(json.dumps(out))
+"""
 
 
 def _version(dist: str) -> str:
@@ -30,19 +85,83 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def probe_discovery(trainer: str = "nnUNetTrainerSelfReg", timeout: float = 300) -> tuple[bool, str]:
-    """Ask nnU-Net's own trainer lookup, in a fresh interpreter, for ``trainer``."""
-    env = dict(os.environ)
+def _run_json(code: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> tuple[dict | None, str]:
+    """Run ``code`` in a fresh interpreter; its last stdout line parsed as JSON, or None and what went wrong."""
     try:
         out = subprocess.run(
-            [sys.executable, "-c", _PROBE, trainer], env=env, capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-c", code, *args],
+            env=dict(os.environ) if env is None else env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        return False, f"the lookup did not finish within {timeout:.0f} s"
-    if out.returncode == 0:
-        return True, out.stdout.strip().splitlines()[-1]
+        return None, f"it did not finish within {timeout:.0f} s"
+    lines = out.stdout.strip().splitlines()
+    if out.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1]), ""
+        except json.JSONDecodeError:
+            pass
     tail = (out.stderr or out.stdout).strip().splitlines()
-    return False, tail[-1] if tail else f"exit code {out.returncode}"
+    return None, tail[-1] if tail else f"exit code {out.returncode}"
+
+
+@dataclass
+class Lookup:
+    """nnU-Net's answer for one trainer name, and the modules of ``nnUNet_extTrainer`` that fail to import."""
+
+    found: str | None  #: ``module.Class`` nnU-Net returned, or None
+    error: str  #: why the lookup failed ("" if found)
+    failures: list[dict] = field(default_factory=list)  #: folder, module, file, error, where (first per folder)
+
+
+def probe_discovery(trainer: str = "nnUNetTrainerSelfReg", timeout: float = 300) -> Lookup:
+    """Ask nnU-Net's own trainer lookup, in a fresh interpreter, for ``trainer``; walk the extTrainer folders."""
+    result, problem = _run_json(_PROBE, trainer, timeout=timeout)
+    if result is None:
+        return Lookup(None, f"the lookup failed: {problem}")
+    return Lookup(result["found"], result["lookup_error"] or "", result["failures"])
+
+
+def check_registration(env: dict[str, str] | None = None, timeout: float = 120) -> str | None:
+    """Run what the ``.pth`` start-up hook runs, in a fresh interpreter; its exception (one line) or None.
+
+    The hook swallows every exception (an error at interpreter start-up would break every Python
+    program), so this is the place where a failing registration gets a reason.
+    """
+    result, problem = _run_json(_REGISTER_PROBE, timeout=timeout, env=env)
+    if result is None:
+        return f"the check itself failed: {problem}"
+    return result["error"]
+
+
+def _is_our_folder(folder: str) -> bool:
+    want = os.path.normcase(os.path.realpath(_discovery.EXT_TRAINER_DIR))
+    return os.path.normcase(os.path.realpath(folder)) == want
+
+
+def import_failure_fix(failure: dict, blocks_ours: bool) -> str:
+    """The problem line for a module of an ``nnUNet_extTrainer`` folder that fails to import.
+
+    ``blocks_ours``: nnU-Net's lookup of our trainers failed (it stops at the first failing module).
+    """
+    what = failure["file"] or f"a module of {failure['folder']}"
+    where = failure.get("where") or ""
+    if failure["file"] and where.startswith(failure["file"] + ":"):
+        what, where = f"{what} (line {where.rsplit(':', 1)[1]})", ""
+    at = f" at {where}" if where else ""
+    if _is_our_folder(failure["folder"]):
+        return (
+            f"our trainer shim {what} fails to import ({failure['error']}{at}): the nnunet-selfreg installation is "
+            "broken; reinstall it (pip install --force-reinstall nnunet-selfreg, or pip install . from a clone)"
+        )
+    return (
+        f"{what} fails to import ({failure['error']}{at}). nnU-Net imports every .py file of each folder in "
+        f"{_discovery.ENV_VAR} and its trainer lookup stops with that error, so no trainer it has not found "
+        f"before that file can be found{' (ours included)' if blocks_ours else ''}: fix the file, or move it out "
+        f"of {failure['folder']}"
+    )
 
 
 def _device_report() -> list[str]:
@@ -59,6 +178,14 @@ def _device_report() -> list[str]:
     else:
         lines.append(f"no GPU found: use -device cpu ({os.cpu_count()} CPU cores; training is slow)")
     return lines
+
+
+def _opted_out() -> bool:
+    return os.environ.get("NNUNET_SELFREG_NO_AUTODISCOVERY", "0") not in ("", "0")
+
+
+def _export_fix() -> str:
+    return f'export {_discovery.ENV_VAR}="${_discovery.ENV_VAR}{os.pathsep}{_discovery.EXT_TRAINER_DIR}"'
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,16 +206,35 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  our shim folder: {_discovery.EXT_TRAINER_DIR} ({'listed' if _discovery.is_registered() else 'NOT listed'})"
     )
+    registration_error = check_registration()
+    print(f"  start-up registration: {'FAILED: ' + registration_error if registration_error else 'runs'}")
+    if registration_error:
+        problems.append(
+            f"the start-up hook cannot register our trainer folder: {registration_error}. The hook hides this "
+            "error (it runs in every Python program); fix the installation, or set the variable yourself: "
+            + _export_fix()
+        )
     if not args.skip_lookup:
-        ok, detail = probe_discovery()
-        print(f"  nnU-Net finds nnUNetTrainerSelfReg: {'yes -> ' + detail if ok else 'NO: ' + detail}")
-        if not ok:
-            problems.append(
-                f"nnU-Net cannot find our trainers. Run: export {_discovery.ENV_VAR}="
-                f'"${_discovery.ENV_VAR}{os.pathsep}{_discovery.EXT_TRAINER_DIR}" '
-                "(the .pth start-up hook is skipped under 'python -S' and by some environments)"
-            )
-    if os.environ.get("NNUNET_SELFREG_NO_AUTODISCOVERY", "0") not in ("", "0"):
+        lookup = probe_discovery()
+        answer = f"yes -> {lookup.found}" if lookup.found else f"NO: {lookup.error}"
+        print(f"  nnU-Net finds nnUNetTrainerSelfReg: {answer}")
+        for failure in lookup.failures:
+            print(f"  fails to import: {failure['file'] or failure['folder']}: {failure['error']}")
+        problems += [import_failure_fix(f, blocks_ours=not lookup.found) for f in lookup.failures]
+        if not lookup.found and not lookup.failures and not registration_error:
+            if _discovery.is_registered():
+                problems.append(f"nnU-Net's trainer lookup fails although our folder is listed: {lookup.error}")
+            elif _opted_out():
+                problems.append(
+                    "nnU-Net cannot find our trainers: NNUNET_SELFREG_NO_AUTODISCOVERY switches the start-up hook "
+                    f"off. Unset it, or run: {_export_fix()}"
+                )
+            else:
+                problems.append(
+                    f"nnU-Net cannot find our trainers: our folder is not in {_discovery.ENV_VAR} (the .pth "
+                    f"start-up hook is skipped under 'python -S' and by some environments). Run: {_export_fix()}"
+                )
+    if _opted_out():
         print("  automatic discovery is switched off by NNUNET_SELFREG_NO_AUTODISCOVERY")
 
     print("\n[device]")

@@ -112,6 +112,20 @@ def find_checkpoints(model: Path) -> list[Path]:
     return found
 
 
+def _hint(folder: Path) -> str:
+    """The model folders inside ``folder`` (a dataset's results folder), and what its other run folders are."""
+    runs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "plans.json").is_file())
+    trained = [p.name for p in runs if find_checkpoints(p)]
+    untrained = [p.name for p in runs if p.name not in trained]
+    hint = f"; it holds the model folders {', '.join(trained)}: pass one of them" if trained else ""
+    if untrained:
+        hint += (
+            f"; {', '.join(untrained)} {'has' if len(untrained) == 1 else 'have'} no fold_*/checkpoint_*.pth (a "
+            "training stopped before it saved one, or still in its first epoch): not a model to export"
+        )
+    return hint
+
+
 def check_model_folder(model: Path) -> list[Path]:
     """Refuse anything but a trained nnU-Net model folder, with a hint; return its checkpoints."""
     if not model.exists():
@@ -122,9 +136,7 @@ def check_model_folder(model: Path) -> list[Path]:
         raise UserError(f"{model} is one fold of a model: pass the model folder {model.parent}")
     missing = [name for name in REQUIRED_FILES if not (model / name).is_file()]
     if missing:
-        models = sorted(p.name for p in model.iterdir() if p.is_dir() and (p / "plans.json").is_file())
-        hint = f"; it holds the model folders {', '.join(models)}: pass one of them" if models else ""
-        raise UserError(f"{model} is not a trained nnU-Net model folder: {', '.join(missing)} missing{hint}")
+        raise UserError(f"{model} is not a trained nnU-Net model folder: {', '.join(missing)} missing{_hint(model)}")
     checkpoints = find_checkpoints(model)
     if not checkpoints:
         raise UserError(

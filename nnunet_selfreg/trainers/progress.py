@@ -1,23 +1,32 @@
-"""Extra per-epoch curves in nnU-Net's logger and an extra panel under ``progress.png``."""
+"""Extra per-epoch curves in nnU-Net's logger and a fourth panel in its ``progress.png``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from nnunetv2.training.logging.nnunet_logger import LocalLogger, MetaLogger  # noqa: E402
+
+#: curves with at most this many epochs get a marker at each epoch (one epoch alone is otherwise invisible)
+MARKERS_UP_TO_EPOCHS = 50
+#: the note beside nnU-Net's loss curves: its ``loss_tr`` is the training objective, regularisers included
+TRAIN_LOSS_NOTE = "loss_tr includes the weighted terms of the bottom panel; loss_val does not"
 
 
 class ExtendedLocalLogger(LocalLogger):
     """nnU-Net's LocalLogger with extra per-epoch keys, kept through ``load_checkpoint``.
 
-    The extra curves are drawn in a panel appended below nnU-Net's own ``progress.png`` (which is
-    produced unchanged by the parent class first).
+    ``progress.png`` gets a fourth panel with the extra curves, in the same figure as nnU-Net's three
+    (so it has their width and x positions), a note that nnU-Net's ``loss_tr`` includes the weighted
+    extra terms, and markers on short curves.
     """
 
     def __init__(self, extra_keys: dict[str, str], title: str, verbose: bool = False) -> None:
@@ -38,10 +47,12 @@ class ExtendedLocalLogger(LocalLogger):
         self._ensure_keys()
 
     def plot_progress_png(self, output_folder: str) -> None:
-        super().plot_progress_png(output_folder)
-        path = os.path.join(output_folder, "progress.png")
-        if os.path.isfile(path):
-            append_panel(path, self.my_fantastic_logging, self.extra_keys, self.title)
+        # nnU-Net's own method draws its panels; it is called unchanged, with one more row in its figure
+        with one_more_panel(self._draw_panel):
+            super().plot_progress_png(output_folder)
+
+    def _draw_panel(self, ax) -> None:
+        draw_panel(ax, self.my_fantastic_logging, self.extra_keys, self.title)
 
 
 def install_extended_logger(logger: MetaLogger, extra_keys: dict[str, str], title: str) -> ExtendedLocalLogger:
@@ -54,18 +65,8 @@ def install_extended_logger(logger: MetaLogger, extra_keys: dict[str, str], titl
     return new
 
 
-def append_panel(png_path: str, values: dict[str, list], keys: dict[str, str], title: str) -> None:
-    """Append a panel with the curves ``values[k]`` (log scale when positive) below ``png_path``.
-
-    Works on 8-bit RGB images (nnU-Net's figure is 3000 x 5400 px; float arrays would cost ~1 GB).
-    """
-    from PIL import Image
-
-    with Image.open(png_path) as im:
-        base = im.convert("RGB")
-    width_px = base.width
-    dpi = 100
-    fig, ax = plt.subplots(1, 1, figsize=(width_px / dpi, 18), dpi=dpi)
+def draw_panel(ax, values: dict[str, list], keys: dict[str, str], title: str) -> None:
+    """The curves ``values[k]`` over the epochs (log scale when all positive), cut to the shortest list."""
     n = min(len(v) for v in values.values()) if values else 0
     x = list(range(n))
     positive, has_data = True, False
@@ -79,15 +80,55 @@ def append_panel(png_path: str, values: dict[str, list], keys: dict[str, str], t
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{title}\n(epoch mean)")
-    ax.legend(loc=(0, 1.02), ncol=max(1, math.ceil(len(keys) / 2)))
-    fig.tight_layout()
-    fig.canvas.draw()
-    panel = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
-    plt.close(fig)
-    combined = Image.new("RGB", (width_px, base.height + panel.height), "white")
-    combined.paste(base, (0, 0))
-    del base
-    combined.paste(panel.crop((0, 0, min(width_px, panel.width), panel.height)), (0, combined.height - panel.height))
-    tmp = png_path + ".tmp.png"
-    combined.save(tmp)
-    os.replace(tmp, png_path)
+    ax.legend(loc=(0, 1), ncol=max(1, math.ceil(len(keys) / 2)))
+
+
+@contextlib.contextmanager
+def one_more_panel(draw: Callable[[Any], None]) -> Iterator[None]:
+    """While active, the first ``plt.subplots(n, 1, figsize=(w, h))`` gets an extra row drawn by ``draw``.
+
+    nnU-Net's ``LocalLogger.plot_progress_png`` (called unchanged) makes its figure with
+    ``plt.subplots(3, 1, ...)``, lays it out with ``plt.tight_layout()`` and saves it with
+    ``fig.savefig``. Here that figure gets a fourth row of the same height, drawn by ``draw`` before
+    nnU-Net's layout runs, so all panels share one layout; before saving, short curves in every panel
+    get markers and nnU-Net's loss panel gets :data:`TRAIN_LOSS_NOTE`. A figure of another shape is
+    left alone (no extra panel). Training runs in one thread, so replacing ``pyplot.subplots`` for the
+    duration of the call is safe.
+    """
+    original = plt.subplots
+    used = False
+
+    def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+        nonlocal used
+        if used or ncols != 1 or not isinstance(nrows, int) or nrows < 1:
+            return original(nrows, ncols, **kwargs)
+        used = True
+        width, height = kwargs.pop("figsize", None) or plt.rcParams["figure.figsize"]
+        fig, axes = original(nrows + 1, 1, figsize=(width, height * (nrows + 1) / nrows), **kwargs)
+        draw(axes[-1])
+        save = fig.savefig
+
+        def finish_and_save(*args, **kw):
+            _finish(fig, axes[0])
+            return save(*args, **kw)
+
+        fig.savefig = finish_and_save
+        return fig, (axes[:-1] if nrows > 1 else axes[0])
+
+    plt.subplots = subplots
+    try:
+        yield
+    finally:
+        plt.subplots = original
+
+
+def _finish(fig, loss_ax) -> None:
+    """Markers on curves of up to :data:`MARKERS_UP_TO_EPOCHS` points, whole epochs on the x axes, the loss note."""
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
+        for line in ax.get_lines():
+            if len(line.get_xdata()) <= MARKERS_UP_TO_EPOCHS and line.get_marker() in (None, "None", "", " "):
+                line.set_marker("o")
+                line.set_markersize(max(8.0, 4 * line.get_linewidth()))
+    if any(line.get_label() == "loss_tr" for line in loss_ax.get_lines()):
+        loss_ax.text(1, 1.01, TRAIN_LOSS_NOTE, transform=loss_ax.transAxes, ha="right", va="bottom", fontsize="small")
