@@ -343,19 +343,12 @@ class nnUNetTrainerMSNet(nnUNetTrainerM2SNet):
 
 
 @register_trainer
-class nnUNetTrainerMSNet_StructureLoss(nnUNetTrainerMSNet):
-    """MSNet with the loss its authors train it with (their ``train.py``): structure loss + 0.1 · LossNet."""
+class nnUNetTrainerMSNet_StructureLoss(nnUNetTrainerMSNet, nnUNetTrainerM2SNet_StructureLoss):
+    """MSNet with the loss its authors train it with (their ``train.py``): structure loss + 0.1 · LossNet.
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_structure_loss = True
+    The network comes from ``nnUNetTrainerMSNet`` (first in the method resolution order), the
+    ``use_structure_loss = True`` from ``nnUNetTrainerM2SNet_StructureLoss.__init__``.
+    """
 
 
 @register_trainer
