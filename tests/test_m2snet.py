@@ -292,6 +292,7 @@ M2SNET_TRAINERS = (
     "nnUNetTrainerM2SNet_RandomLossNet",
     "nnUNetTrainerM2SNet_StructureLoss",
     "nnUNetTrainerMSNet",
+    "nnUNetTrainerMSNet_StructureLoss",
     "nnUNetTrainerMSNet_RandomLossNet",
 )
 
@@ -561,7 +562,15 @@ def single_process_da(nnunet_paths, monkeypatch):
     return nnunet_paths
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerM2SNet", "nnUNetTrainerMSNet", "nnUNetTrainerM2SNet_StructureLoss"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nnUNetTrainerM2SNet",
+        "nnUNetTrainerMSNet",
+        "nnUNetTrainerM2SNet_StructureLoss",
+        "nnUNetTrainerMSNet_StructureLoss",
+    ],
+)
 def test_trainers_without_weights_stop_before_anything_is_built(single_process_da, ds2d, no_vgg_env, name):
     t = _trainer(single_process_da, ds2d, name)
     with pytest.raises(MissingVGG16WeightsError) as err:
@@ -590,12 +599,18 @@ def test_random_lossnet_trainer_records_it_in_log_debug_json_and_checkpoint(sing
     t.on_train_end()
 
 
-def test_structure_loss_trainer_step_with_own_weights_file(single_process_da, ds2d, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "network"), [("nnUNetTrainerM2SNet_StructureLoss", M2SNet), ("nnUNetTrainerMSNet_StructureLoss", MSNet)]
+)
+def test_structure_loss_trainer_step_with_own_weights_file(
+    single_process_da, ds2d, tmp_path, monkeypatch, name, network
+):
     path = tmp_path / "my-vgg16.pth"
     _random_vgg16_file(path)
     monkeypatch.setenv(ENV_VGG16_WEIGHTS, str(path))
-    t = _trainer(single_process_da, ds2d, "nnUNetTrainerM2SNet_StructureLoss", fold=4, lossnet_input_size=32)
+    t = _trainer(single_process_da, ds2d, name, fold=4, lossnet_input_size=32)
     t.on_train_start()
+    assert type(t.network) is network  # MSNet: single-scale units, no fixed filters
     seg = t.loss.seg_loss
     stock = nnUNetTrainer._build_loss(t)  # nnU-Net's deep-supervision weights for these plans
     assert isinstance(seg, DeepSupervisionWrapper) and isinstance(seg.loss, StructureLoss)

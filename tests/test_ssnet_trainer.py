@@ -299,6 +299,27 @@ def test_lds_moves_the_network_gradients(in_process, semisup2d):
     assert diff > 1e-4, f"L_lds did not change any gradient (max difference {diff})"
 
 
+def test_head_gradients_are_clipped_only_when_asked(in_process, semisup2d):
+    """Default: the heads' gradients are not clipped (the reference clips nothing); ssnet_head_grad_clip clips them."""
+    norms, net_grads = {}, {}
+    for clip in (None, "half"):
+        # L_cs weighted up so that the heads' gradient norm exceeds 12, nnU-Net's clipping threshold for the network
+        t = _ready(in_process, semisup2d, ssnet_rampup_length=0, ssnet_cs_weight=1e4)
+        g = torch.Generator().manual_seed(3)  # memory of every foreground class: L_cs > 0 whatever is predicted
+        dim = int(t.ssnet_head_dim)
+        t.ssnet_memory.bank = [None] + [torch.randn(8, dim, generator=g) for _ in range(1, len(t.ssnet_memory.bank))]
+        if clip == "half":
+            t.ssnet_head_grad_clip = norms[None] / 2
+        t.train_step(_batch(t))
+        norms[clip] = torch.nn.utils.get_total_norm([p.grad for p in t.ssnet_heads.parameters() if p.grad is not None])
+        net_grads[clip] = [p.grad.clone() for p in t.network.parameters() if p.grad is not None]
+        t.ssnet_tap.detach()
+    assert norms[None] > 12, norms
+    assert norms["half"].item() == pytest.approx(norms[None].item() / 2, rel=1e-4)
+    for a, b in zip(net_grads[None], net_grads["half"], strict=True):
+        assert torch.equal(a, b)  # the network's own clipping (nnU-Net's, at 12) is not affected
+
+
 @pytest.mark.parametrize(("distance", "init"), [("soft_dice", "uniform"), ("binary_dice", "gaussian")])
 def test_step_lds_is_the_configured_vat(in_process, semisup2d, distance, init):
     """The step's L_lds is virtual_adversarial_loss with the trainer's ξ, ε, distance, start and seeded generator."""

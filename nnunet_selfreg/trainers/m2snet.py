@@ -2,8 +2,9 @@
 
 ``L = L_seg + lossnet_weight · LossNet(P, G)``. ``L_seg`` is nnU-Net's Dice+CE with deep supervision
 on every decoder resolution (``nnUNetTrainerM2SNet``), or the authors' structure loss, one-vs-rest per
-foreground class, with nnU-Net's deep-supervision weights (``nnUNetTrainerM2SNet_StructureLoss``: the
-paper's total loss). LossNet (frozen VGG-16) compares the full-resolution probabilities with the
+foreground class, with nnU-Net's deep-supervision weights (``nnUNetTrainerM2SNet_StructureLoss``,
+``nnUNetTrainerMSNet_StructureLoss``: the paper's total loss, with which the authors' ``train.py``
+trains MSNet). LossNet (frozen VGG-16) compares the full-resolution probabilities with the
 one-hot ground truth. LossNet is a trainer attribute, not part of ``self.network``, so checkpoints
 hold only the segmentation network and ``nnUNetv2_predict`` rebuilds it through
 :meth:`nnUNetTrainerM2SNet.build_network_architecture`.
@@ -339,6 +340,15 @@ class nnUNetTrainerMSNet(nnUNetTrainerM2SNet):
             enable_deep_supervision,
             multi_scale=False,
         )
+
+
+@register_trainer
+class nnUNetTrainerMSNet_StructureLoss(nnUNetTrainerMSNet, nnUNetTrainerM2SNet_StructureLoss):
+    """MSNet with the loss its authors train it with (their ``train.py``): structure loss + 0.1 · LossNet.
+
+    The network comes from ``nnUNetTrainerMSNet`` (first in the method resolution order), the
+    ``use_structure_loss = True`` from ``nnUNetTrainerM2SNet_StructureLoss.__init__``.
+    """
 
 
 @register_trainer

@@ -198,6 +198,9 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         self.ssnet_memory_scoring = "eval"  # "batch": the reference's training-mode selector scores
         self.ssnet_cs_max_pixels: int | None = None  # per batch part; None: every pixel (reference)
         self.ssnet_seed = 12345  # seeds VAT directions and pixel sub-sampling (with fold and epoch)
+        # max L2 norm of the heads' and selectors' gradients per step; None: not clipped, as in the reference
+        # (the network's gradients are clipped at 12 as in every nnU-Net trainer)
+        self.ssnet_head_grad_clip: float | None = None
         self.ssnet_num_labeled = 0  # set in initialize() from the batch size
         self.ssnet_stock_batch_size = 0  # nnU-Net's planned batch (per GPU), set in initialize()
         self.ssnet_heads: ClassSeparationHeads | None = None
@@ -227,6 +230,9 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         fr = self.ssnet_rampup_fraction
         if fr is not None and (isinstance(fr, bool) or not isinstance(fr, (int, float)) or not 0 < fr <= 1):
             raise ValueError(f"ssnet_rampup_fraction must be None or in (0, 1], got {fr!r}")
+        clip = self.ssnet_head_grad_clip
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < np.inf):
+            raise ValueError(f"ssnet_head_grad_clip must be None or a finite number > 0, got {clip!r}")
         mp = self.ssnet_cs_max_pixels
         if mp is not None and (isinstance(mp, bool) or not isinstance(mp, (int, np.integer)) or mp < 2):
             raise ValueError(f"ssnet_cs_max_pixels must be None or an integer >= 2, got {mp!r}")
@@ -337,7 +343,8 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             f"VAT xi={self.ssnet_vat_xi}, eps={self.ssnet_vat_eps} (L2 norms over the whole patch), distance "
             f"{self.ssnet_vat_distance}, {self.ssnet_vat_init} start; L_cs weight {self.ssnet_cs_weight}, heads "
             f"{self.ssnet_head_dim}-d, memory {self.ssnet_memory_size} per class (keep {self.ssnet_memory_keep}, "
-            f"{self.ssnet_memory_scoring} scores, {self.ssnet_memory_weights} memory weights); "
+            f"{self.ssnet_memory_scoring} scores, {self.ssnet_memory_weights} memory weights, head gradients "
+            f"{'not clipped' if self.ssnet_head_grad_clip is None else f'clipped at {self.ssnet_head_grad_clip}'}); "
             f"training cases: {len(tr_lab)} labelled, {len(tr_unl)} unlabelled",
             also_print_to_console=True,
         )
@@ -482,17 +489,15 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         if self.is_ddp:  # the heads are not wrapped in DDP
             average_gradients(self.ssnet_heads.parameters())
 
-        net_params = list(self.network.parameters())
-        head_params = list(self.ssnet_heads.parameters())
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(net_params, 12)
-            torch.nn.utils.clip_grad_norm_(head_params, 12)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)  # nnU-Net's own clipping of the network
+        if self.ssnet_head_grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.ssnet_heads.parameters(), float(self.ssnet_head_grad_clip))
+        if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            torch.nn.utils.clip_grad_norm_(net_params, 12)
-            torch.nn.utils.clip_grad_norm_(head_params, 12)
             self.optimizer.step()
         self._ssnet_step += 1
         terms = torch.stack([l_sup.detach().float(), l_lds.detach(), cs_l.detach(), cs_u.detach()])
