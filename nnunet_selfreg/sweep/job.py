@@ -112,29 +112,53 @@ def _requeue_with_submitit(control: StopControl) -> None:
         handler(control.signum, None)  # raises SystemExit after requeueing, or an error if it may not
 
 
+def _log_to(path: Path) -> None:
+    """Send this process's output (and its children's) to ``path`` as well: SLURM jobs log to their sweep."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+class _Attempt:
+    """One attempt of a job in the manifest: its time in training and the sweep's own time around it."""
+
+    def __init__(self, manifest: Manifest, key: str, entered: float) -> None:
+        self.manifest, self.key, self.entered = manifest, key, entered
+        self.resumed: dict = {}  # the epoch nnU-Net continued at, from the load_checkpoint hook
+        self.train_start = self.train_end = None
+
+    def end(self, state: str, **facts) -> None:
+        end = time.perf_counter()
+        train_end = self.train_end or end
+        if self.train_start is not None:
+            facts["seconds"] = round(train_end - self.train_start, 1)
+            # lock, manifest reads and writes, checks (not the interpreter start, which nnUNetv2_train pays too)
+            facts["overhead_s"] = round((self.train_start - self.entered) + (end - train_end), 3)
+        if "epoch" in self.resumed:
+            facts["resumed_from_epoch"] = self.resumed["epoch"]
+        self.manifest.end_attempt(self.key, state, **facts)
+
+
 def run_job(sweep_dir: str | Path, key: str) -> str:
-    """Run job ``key`` of the sweep in ``sweep_dir``; returns its state ('done', 'busy', …).
+    """Run job ``key`` of the sweep in ``sweep_dir``; returns its state ('done', 'interrupted', 'busy').
 
     Raises on failure (so that the scheduler sees a failed job) after recording it in the manifest.
     """
+    import torch  # noqa: F401  (imported first: nnUNetv2_train pays for it too, it is not the sweep's overhead)
+
+    entered = time.perf_counter()
     sweep_dir = Path(sweep_dir)
     manifest = Manifest(sweep_dir)
     info = manifest.read()
     job, dataset, options = info["jobs"][key], info["dataset"], info.get("run_options", {})
-    results = Path(os.environ["nnUNet_results"])
-    fold_dir = results / job["output_folder"]
+    fold_dir = Path(os.environ["nnUNet_results"]) / job["output_folder"]
     file_key = key.replace("/", "__")
-    under_submitit = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-    if under_submitit:  # the job's output goes to its sweep log too (submitit's own log keeps its lines)
-        log = job_log(sweep_dir, file_key)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # submitit's own log keeps its lines
+        _log_to(job_log(sweep_dir, file_key))
     lock = FileLock(lock_path(sweep_dir.parent, file_key))
     if not lock.acquire(blocking=False):
         print(f"{key}: another process trains this fold now (its lock is held); nothing to do", flush=True)
@@ -145,59 +169,56 @@ def run_job(sweep_dir: str | Path, key: str) -> str:
             manifest.update_job(key, state="done")
             return "done"
         continuing = checkpoint_to_continue(fold_dir) is not None
-        facts = {"continued": continuing, **_slurm_facts()}
-        attempt = manifest.start_attempt(key, **facts)
+        number = manifest.start_attempt(key, continued=continuing, **_slurm_facts())
         print(
-            f"== nnunet-selfreg sweep job {key} (attempt {attempt}, {socket.gethostname()}, "
+            f"== nnunet-selfreg sweep job {key} (attempt {number}, {socket.gethostname()}, "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}): {'continuing' if continuing else 'starting'}",
             flush=True,
         )
         _set_threads(options.get("device", "cuda"))
-        control = StopControl()
-        t0 = time.time()
-
-        resumed: dict = {}  # the epoch nnU-Net continued at, recorded with the attempt
-        try:
-            with control.installed():
-                _train(job, dataset, options, continuing, control, lambda epoch: resumed.update(epoch=epoch))
-        except StopRequested:
-            return _interrupted(manifest, key, control, t0, resumed)
-        except BaseException as e:
-            if not isinstance(e, KeyboardInterrupt) and save_after_failure(control):
-                return _interrupted(manifest, key, control, t0, resumed)
-            if isinstance(e, KeyboardInterrupt):
-                manifest.end_attempt(key, "interrupted", seconds=round(time.time() - t0, 1), **_resumed(resumed))
-                raise
-            tail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            manifest.end_attempt(
-                key, "failed", error=tail[-2000:], seconds=round(time.time() - t0, 1), **_resumed(resumed)
-            )
-            raise
-        if not is_done(fold_dir):
-            message = f"nnU-Net's training ended without {fold_dir}/validation/summary.json"
-            manifest.end_attempt(key, "failed", error=message, seconds=round(time.time() - t0, 1))
-            raise RuntimeError(message)
-        manifest.end_attempt(key, "done", seconds=round(time.time() - t0, 1), **_resumed(resumed))
-        return "done"
+        return _run_attempt(_Attempt(manifest, key, entered), job, dataset, options, continuing, fold_dir)
     finally:
         lock.release()
 
 
-def _resumed(resumed: dict) -> dict:
-    return {"resumed_from_epoch": resumed["epoch"]} if "epoch" in resumed else {}
+def _run_attempt(attempt: _Attempt, job: dict, dataset: str, options: dict, continuing: bool, fold_dir: Path) -> str:
+    control = StopControl()
+    attempt.train_start = time.perf_counter()
+    try:
+        with control.installed():
+            _train(job, dataset, options, continuing, control, lambda epoch: attempt.resumed.update(epoch=epoch))
+    except StopRequested:
+        attempt.train_end = time.perf_counter()
+        return _interrupted(attempt, control)
+    except BaseException as e:
+        attempt.train_end = time.perf_counter()
+        if isinstance(e, KeyboardInterrupt):  # before the handlers were installed: nothing to save
+            attempt.end("interrupted")
+            raise
+        if save_after_failure(control):
+            return _interrupted(attempt, control)
+        attempt.end("failed", error="".join(traceback.format_exception_only(type(e), e)).strip()[-2000:])
+        raise
+    attempt.train_end = time.perf_counter()
+    if not is_done(fold_dir):
+        message = f"nnU-Net's training ended without {fold_dir}/validation/summary.json"
+        attempt.end("failed", error=message)
+        raise RuntimeError(message)
+    attempt.end("done")
+    return "done"
 
 
-def _interrupted(manifest: Manifest, key: str, control: StopControl, t0: float, resumed: dict) -> str:
+def _interrupted(attempt: _Attempt, control: StopControl) -> str:
+    """Record a stopped attempt; after the scheduler's warning on SLURM, let submitit requeue the job."""
     requeue = control.warning and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-    facts = {"signal": control.signal_name, "seconds": round(time.time() - t0, 1), **_resumed(resumed)}
-    manifest.end_attempt(key, "queued" if requeue else "interrupted", **facts)
+    attempt.end("queued" if requeue else "interrupted", signal=control.signal_name)
     if requeue:
         try:
             _requeue_with_submitit(control)
         except SystemExit:
             raise
         except BaseException as e:  # submitit refused (too many time-outs) or scontrol failed
-            manifest.update_job(key, state="interrupted", error=f"not requeued: {e}")
+            attempt.manifest.update_job(attempt.key, state="interrupted", error=f"not requeued: {e}")
             raise
     return "interrupted"
 

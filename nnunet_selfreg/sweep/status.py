@@ -88,6 +88,8 @@ def _state(record: dict, fold_dir: Path, locked: bool, squeued: str | None) -> t
                 return "queued", ""
             return "pending", ""
         return "interrupted", "its process ended without a record (killed?): the next call continues it"
+    if state == "done":  # recorded as done, but nnU-Net's files are gone
+        return "pending", "its results are missing"
     return state, record.get("error") or ""
 
 
