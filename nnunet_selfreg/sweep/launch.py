@@ -109,7 +109,7 @@ def launch(
         t1 = time.perf_counter()
         ids = executor.submit(sweep_dir, [job for _, job in todo], name)
         reporter.say(f"submitted {len(ids)} jobs as SLURM array {next(iter(ids.values())).split('_')[0]} "
-                     f"in {time.perf_counter() - t1:.1f} s")  # fmt: skip
+                     f"in {time.perf_counter() - t1:.2f} s")  # fmt: skip
     elif todo:
         executor.run(sweep_dir, todo, len(grid.jobs), reporter)
     return SweepResult(

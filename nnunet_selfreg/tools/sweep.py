@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.tools.compare import _positive_int
 
 DESCRIPTION = """\
 Train every (configuration, trainer, fold, run) of a grid with nnU-Net's own training entry point
@@ -26,13 +27,6 @@ The manifest is $nnUNet_results/DATASET/sweeps/NAME/manifest.json.
       --executor slurm --partition gpu --gpus-per-job 1 --cpus-per-job 8 --mem 32G --time 24:00:00
   nnunet-selfreg sweep status default            # a table: done / running (epoch k of N, ETA) / queued / failed
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _sbatch_options(items: list[str]) -> dict[str, str | bool]:

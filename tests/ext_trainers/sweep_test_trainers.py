@@ -6,24 +6,23 @@ Found through ``nnUNet_extTrainer`` like ``selfreg_test_trainers``; its budget c
 
 import os
 
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_selfreg.trainers.variants import derive_trainer
 
-class nnUNetTrainerSweepFails(nnUNetTrainer):
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ.get("SELFREG_TEST_EPOCHS", "2"))
-        self.num_iterations_per_epoch = int(os.environ.get("SELFREG_TEST_ITERS", "3"))
-        self.num_val_iterations_per_epoch = 1
 
+class _FailsAfterItsFirstEpoch(nnUNetTrainer):
     def on_epoch_end(self):
         super().on_epoch_end()
         raise RuntimeError("test: nnUNetTrainerSweepFails fails on purpose after its first epoch")
+
+
+def _tiny_budget(trainer) -> None:
+    trainer.num_epochs = int(os.environ.get("SELFREG_TEST_EPOCHS", "2"))
+    trainer.num_iterations_per_epoch = int(os.environ.get("SELFREG_TEST_ITERS", "3"))
+    trainer.num_val_iterations_per_epoch = 1
+
+
+nnUNetTrainerSweepFails = derive_trainer(
+    _FailsAfterItsFirstEpoch, "nnUNetTrainerSweepFails", _tiny_budget, __name__, "Fails after epoch 0 (tests)."
+)
