@@ -215,6 +215,9 @@ def test_local_workers_stop_on_ctrl_c_and_the_same_command_continues(env):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # a test run started in the background by a shell without job control inherits an ignored SIGINT,
+        # which Python then keeps ignoring: give the sweep the disposition of a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in sweep.stdout:
@@ -223,7 +226,8 @@ def test_local_workers_stop_on_ctrl_c_and_the_same_command_continues(env):
             break
     sweep.send_signal(signal.SIGINT)  # what Ctrl-C sends to the sweep
     out = "".join(lines) + sweep.stdout.read()
-    assert sweep.wait(timeout=300) == 130, out[-3000:]
+    code = sweep.wait(timeout=300)
+    assert code == 130, f"exit code {code}:\n{out[-4000:]}"
     assert "Ctrl-C: 2 running job(s) stop" in out and out.count("SIGINT received; checkpoint_latest.pth saved") == 2
     data = _manifest(env, "local")
     for job in data["jobs"].values():

@@ -190,6 +190,8 @@ class LocalExecutor:
         if state == "running":  # the job process ended without recording it (killed, out of memory)
             state = "interrupted" if code == EXIT_INTERRUPTED else "failed"
             manifest.end_attempt(r.job.key, state, error=f"the job process ended with exit code {code}")
+        elif state == "queued" and code == 0:  # its lock was held: another process trains this fold
+            state = "left to the process that trains it now"
         manifest.update_job(r.job.key, log=str(r.log))
         reporter.job_ended(r.job, state, r.log)
 
