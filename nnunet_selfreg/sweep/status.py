@@ -120,6 +120,16 @@ def summary_line(statuses: list[JobStatus]) -> str:
     return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)) + f" (of {len(statuses)})"
 
 
+def _tail_to_error(text: str, error: str, lines: int) -> str:
+    """The ``lines`` lines of ``text`` that end with the recorded error (what data workers print after it is
+    noise), or its last lines if the error is not in it."""
+    rows = text.splitlines()
+    last = error.strip().splitlines()[-1] if error.strip() else ""
+    ends = [i for i, row in enumerate(rows) if last and row.strip() == last]
+    end = ends[-1] + 1 if ends else len(rows)
+    return "\n".join(rows[max(0, end - lines) : end])
+
+
 def format_table(statuses: list[JobStatus], tail_lines: int = 10) -> str:
     """A table of every job, then the last log lines of each failed job."""
     rows = [("CONFIGURATION", "TRAINER", "FOLD", "STATE", "ATTEMPTS", "SLURM ID", "PROGRESS")]
@@ -143,5 +153,5 @@ def format_table(statuses: list[JobStatus], tail_lines: int = 10) -> str:
             lines.append(f"\n--- {s.job.configuration} {s.job.trainer} fold {s.job.fold} failed: {s.detail}")
             if s.log is not None:
                 lines.append(f"--- last lines of {s.log}:")
-                lines.append(log_tail(s.log, tail_lines))
+                lines.append(_tail_to_error(log_tail(s.log, 200), s.detail, tail_lines))
     return "\n".join(lines)

@@ -74,6 +74,7 @@ def find_trainer_class(name: str) -> type:
             return recursive_find_trainer_class_by_name(name)
     except Exception as e:  # RuntimeError (not found), AssertionError (no nnUNetTrainer), a user's broken module
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first.split(" If the trainer is located")[0].rstrip(".")  # nnU-Net's advice follows ours
         raise AttributeError(f"nnU-Net's trainer lookup cannot find {name!r}: {first}") from None
 
 
