@@ -206,7 +206,7 @@ def test_failed_job_is_reported_and_the_others_finish(slurm, env):
 
 def test_local_workers_stop_on_ctrl_c_and_the_same_command_continues(env):
     args = ["-d", str(DATASET), "-c", "2d", "-tr", "nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget", "-f", "3"]
-    args += ["--device", "cpu", "--workers", "2", "--name", "local"]
+    args += ["--device", "cpu", "--workers", "2", "--name", "local", "--save-every", "2"]
     budget = {"NNUNET_SELFREG_BUDGET_EPOCHS": "4", "NNUNET_SELFREG_BUDGET_ITERATIONS": "12"}
     budget["NNUNET_SELFREG_BUDGET_VAL_ITERATIONS"] = "1"
     sweep = subprocess.Popen(
@@ -233,6 +233,7 @@ def test_local_workers_stop_on_ctrl_c_and_the_same_command_continues(env):
     for job in data["jobs"].values():
         assert job["state"] == "interrupted"
         assert (_fold(env, job["output_folder"]) / "checkpoint_latest.pth").is_file()
+        assert json.loads((_fold(env, job["output_folder"]) / "debug.json").read_text())["save_every"] == "2"
         pid = job["history"][-1]["pid"]
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # the job process is gone
