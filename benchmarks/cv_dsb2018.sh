@@ -10,7 +10,11 @@
 # 5 trainings per fold = 25 trainings; 3-4 min each on a quiet 2-core CPU (12-13 s per epoch), about
 # 1.5 h in all (docs/results.md). On a GPU, scale it up, e.g.
 #   bash benchmarks/cv_dsb2018.sh cv_gpu --epochs 100 --iterations 250 --device cuda
-# Trained folds are reused on a re-run with the same budget; results are never overwritten.
+# The trainings run through the sweep machinery (the demo's training loop, one local worker): the
+# manifest is $WORKDIR/nnUNet_results/Dataset950_DSB2018Nuclei/sweeps/demo/manifest.json and
+#   nnUNet_results=$WORKDIR/nnUNet_results nnunet-selfreg sweep status demo
+# shows each training's state. Trained folds are reused on a re-run with the same budget, interrupted
+# ones continued; results are never overwritten. The same grid on a SLURM cluster: docs/sweep.md.
 set -euo pipefail
 WORKDIR="${1:-cv_dsb2018}"
 shift || true

@@ -22,8 +22,6 @@ from nnunet_selfreg.nnunet_folders import (
     ENV_VARS,
     dataset_folders_with_id,
     find_free_dataset_id,
-    fold_folder,
-    model_folder_name,
 )
 
 DEFAULT_TRAINERS = ("nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget")
@@ -216,22 +214,36 @@ def preprocess(dataset: Path, folders: Folders, env: dict[str, str], logs: Path,
     _run_logged(cmd, env, logs / "plan_and_preprocess.log")
 
 
-def _fold_state(fold_dir: Path, budget: tuple[int, int, int]) -> str:
-    """'done' (same budget), 'partial' (resume with --c) or 'new'; refuses results of another budget."""
-    if not fold_dir.exists():
-        return "new"
-    debug = fold_dir / "debug.json"
-    if debug.is_file():
-        info = json.loads(debug.read_text())
-        have = (int(info.get("num_epochs", -1)), int(info.get("num_iterations_per_epoch", -1)))
-        if have != budget[:2]:
-            raise UserError(
-                f"{fold_dir} holds results trained with {have[0]} epochs x {have[1]} iterations, not "
-                f"{budget[0]} x {budget[1]}; they are never overwritten: use another --workdir or the same budget"
-            )
-    if (fold_dir / "checkpoint_final.pth").is_file() and (fold_dir / "validation" / "summary.json").is_file():
-        return "done"
-    return "partial"
+class _DemoReporter:
+    """The sweep machinery's messages, in the demo's words (one line per training, its key log lines)."""
+
+    SHOW = ("Epoch time", "Mean Validation Dice", "SelfReg epoch means")
+
+    def __init__(self, budget: tuple[int, int, int], device: str) -> None:
+        self.budget, self.device = budget, device
+        self.started, self.trained = time.time(), 0
+
+    def say(self, message: str) -> None:
+        _say(message)
+
+    def job_skipped(self, job, index: int, total: int, reason: str) -> None:
+        if reason.startswith("done"):
+            reason = "already trained with this budget, reusing " + str(job.fold_dir(os.environ["nnUNet_results"]))
+        _say(f"[{index}/{total}] {job.trainer} fold {job.fold}: {reason}")
+
+    def job_started(self, job, index: int, total: int, continuing: bool) -> None:
+        eta = ""
+        if self.trained:
+            eta = f" (about {(time.time() - self.started) / self.trained * (total - index + 1) / 60:.0f} min left)"
+        what = f"training {self.budget[0]} epochs x {self.budget[1]} iterations on {self.device}"
+        _say(f"[{index}/{total}] {job.trainer} fold {job.fold}: {what}{eta}")
+
+    def job_line(self, job, text: str) -> None:
+        if text.startswith(self.SHOW):
+            print(f"    {text}", flush=True)
+
+    def job_ended(self, job, state: str, log: Path) -> None:
+        self.trained += 1
 
 
 def train_all(
@@ -245,30 +257,39 @@ def train_all(
     logs: Path,
     configuration: str = "2d",
 ) -> None:
-    runs = [(t, f) for f in folds for t in trainers]
-    started, trained = time.time(), 0
-    for i, (trainer, fold) in enumerate(runs, 1):
-        model = folders.results / dataset.name / model_folder_name(trainer, "nnUNetPlans", configuration)
-        fold_dir = fold_folder(model, fold)
-        state = _fold_state(fold_dir, budget)
-        head = f"[{i}/{len(runs)}] {trainer} fold {fold}"
-        if state == "done":
-            _say(f"{head}: already trained with this budget, reusing {fold_dir}")
-            continue
-        eta = ""
-        if trained:
-            eta = f" (about {(time.time() - started) / trained * (len(runs) - i + 1) / 60:.0f} min left)"
-        _say(f"{head}: training {budget[0]} epochs x {budget[1]} iterations on {device}{eta}")
-        cmd = [_bin("nnUNetv2_train"), dataset.name, configuration, str(fold), "-tr", trainer, "-device", device]
-        if state == "partial":
-            cmd.append("--c")
-        _run_logged(
-            cmd,
-            env,
-            logs / f"train_{trainer}_fold{fold}.log",
-            show=("Epoch time", "Mean Validation Dice", "SelfReg epoch means"),
+    """Every (trainer, fold) through the sweep machinery (one local worker, manifest in sweeps/demo).
+
+    Folds trained with this budget are reused, interrupted ones continued (``--c``), results of another
+    budget refused; a failed training is reported with its log's last lines after the others ran.
+    """
+    from nnunet_selfreg.sweep import GridSpec, LocalExecutor, RunOptions, launch
+    from nnunet_selfreg.sweep.state import log_tail
+
+    spec = GridSpec(dataset.name, (configuration,), tuple(trainers), tuple(str(f) for f in folds))
+    saved = dict(os.environ)
+    os.environ.update(env)  # the grid is checked in this process, against these nnU-Net folders and budget
+    try:
+        executor = LocalExecutor(
+            1, device, log_path=lambda job: logs / f"train_{job.trainer}_fold{job.fold}.log", environ=env
         )
-        trained += 1
+        result = launch(
+            spec,
+            "demo",
+            executor,
+            RunOptions(device=device),
+            ["nnunet-selfreg", "demo"],
+            retry=True,
+            reporter=_DemoReporter(budget, device),
+            budget_hint="use another --workdir or the same budget",
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if result.failed:
+        first = result.failed[0]
+        raise UserError(
+            f"training {first.job.trainer} fold {first.job.fold} failed; log: {first.log}\n{log_tail(first.log)}"
+        )
 
 
 def _free_report_dir(workdir: Path) -> Path:

@@ -15,7 +15,7 @@ from nnunet_selfreg.errors import UserError
 __all__ = ["TOOLS", "UserError", "build_parser", "main"]
 
 #: sub-command modules, in the order ``--help`` lists them
-TOOLS = ("demo", "compare", "doctor", "export_stock", "add_unlabeled", "analyze")
+TOOLS = ("demo", "compare", "sweep", "doctor", "export_stock", "add_unlabeled", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for tools that record it
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -45,10 +45,16 @@ def _positive_int(name: str, default: int | None = None) -> int:
     return value
 
 
+def budget_from_env() -> tuple[int, int, int]:
+    """(epochs, iterations, validation iterations) from the environment; RuntimeError saying what to set."""
+    return _positive_int(ENV_EPOCHS), _positive_int(ENV_ITERATIONS), _positive_int(ENV_VAL_ITERATIONS, 5)
+
+
 def apply_env_budget(trainer: nnUNetTrainer) -> None:
-    trainer.num_epochs = _positive_int(ENV_EPOCHS)
-    trainer.num_iterations_per_epoch = _positive_int(ENV_ITERATIONS)
-    trainer.num_val_iterations_per_epoch = _positive_int(ENV_VAL_ITERATIONS, 5)
+    epochs, iterations, val_iterations = budget_from_env()
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = val_iterations
     trainer.print_to_log_file(
         f"Budget from the environment: {trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch} "
         f"iterations (validation: {trainer.num_val_iterations_per_epoch} iterations per epoch)",
@@ -57,6 +63,12 @@ def apply_env_budget(trainer: nnUNetTrainer) -> None:
 
 
 def make_budget_variant(base: type[nnUNetTrainer], module: str) -> type[nnUNetTrainer]:
-    """``base`` with its budget read from the environment, named ``base.__name__ + '_Budget'``."""
+    """``base`` with its budget read from the environment, named ``base.__name__ + '_Budget'``.
+
+    The class (and every subclass) has ``nnunet_selfreg_env_budget = True``, so tools know that its
+    budget is the environment's (``sweep`` checks it against earlier results before training).
+    """
     doc = f"{base.__name__} with the budget from ${ENV_EPOCHS} / ${ENV_ITERATIONS}."
-    return derive_trainer(base, base.__name__ + "_Budget", apply_env_budget, module, doc)
+    cls = derive_trainer(base, base.__name__ + "_Budget", apply_env_budget, module, doc)
+    cls.nnunet_selfreg_env_budget = True
+    return cls

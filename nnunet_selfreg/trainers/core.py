@@ -10,7 +10,8 @@ another method's trainer:
   :func:`~nnunet_selfreg.trainers.progress.install_extended_logger` for its logged terms;
 - :func:`register_trainer` on each trainer class: ``nnunet_selfreg.trainers`` imports every module of
   the package and exports each registered class with its variants (``_Nepochs``, ``_Budget``, and on
-  request ``_Rep2`` / ``_Rep3``), which is where nnU-Net finds them (docs/discovery.md); a trainer
+  request ``_Rep2`` / ``_Rep3``), which is where nnU-Net finds them (docs/discovery.md; other variant
+  names of any trainer are answered on demand by :mod:`nnunet_selfreg.trainers.on_demand`); a trainer
   module in a user's ``nnUNet_extTrainer`` folder ends with ``__all__ = define_trainers(globals())``;
 - :meth:`attach_feature_taps`, by convention: a trainer whose loss reads forward hooks attaches them
   there (``on_train_start`` calls it before the first forward, so a ``torch.compile``-d network traces

@@ -80,6 +80,8 @@ def define_repeat_variants(bases: list[type[nnUNetTrainer]], namespace: dict) ->
     difference between two runs of the *same* trainer (the run-to-run, A/A noise floor). nnU-Net
     keeps one results folder per trainer name (``TRAINER__PLANS__CONFIG``), so a repeated run needs
     its own name: ``nnUNetTrainer_Rep2`` trains exactly like ``nnUNetTrainer`` into its own folder.
+    These are exported classes; any other ``X_Rep<k>`` is answered on demand
+    (:mod:`nnunet_selfreg.trainers.on_demand`).
     """
     names = []
     for base in bases:
