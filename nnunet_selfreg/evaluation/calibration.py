@@ -104,9 +104,10 @@ def calibrate(
     detectable = detectable_difference(design.run_mean_sd, design.runs, design.runs)
     shifted = simulate(replace(design, difference=detectable), n_simulations, rng)
     power = rejection_rates(shifted)[0]
+    coverage = float(np.mean(covered)) if covered else math.nan
     return Calibration(
-        design, n_simulations, run_rate, wilcoxon_rate, one_run_rate, len(covered), float(np.mean(covered)),
-        detectable, power, time.process_time() - start,
+        design, n_simulations, run_rate, wilcoxon_rate, one_run_rate, len(covered), coverage, detectable, power,
+        time.process_time() - start,
     )  # fmt: skip
 
 
