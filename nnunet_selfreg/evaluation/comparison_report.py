@@ -417,8 +417,9 @@ def effects_section(result: ComparisonResult) -> list[str]:
     lines = [
         "### Effect sizes (case level, pooled over folds)",
         "",
-        f"p ({method}): corrected over the {d.correction.family_size} method comparisons where the case-level "
-        "Wilcoxon test is the deciding test (arms with one run); blank where the run-level test decides. HL: "
+        f"p ({method}): corrected together with the other deciding tests of the {d.correction.family_size} method "
+        "comparisons; shown where this case-level Wilcoxon test decides (an arm with one run), blank where the "
+        "run-level test does. HL: "
         "Hodges-Lehmann shift (median of the Walsh averages of the paired differences) with its "
         "distribution-free 95% interval; r: matched-pairs rank-biserial correlation (sign of other - baseline); "
         "better / tie / worse: cases where the other arm is better, equal, worse.",
