@@ -72,7 +72,9 @@ def write_seg(path: Path, seg: np.ndarray, spacing: tuple[float, ...] = SPACING_
     sitk.WriteImage(img, str(path))
 
 
-def write_summary(folder: Path, gt: Path, per_case: dict[str, dict[str, tuple[float, int, int]]]) -> None:
+def write_summary(
+    folder: Path, gt: Path, per_case: dict[str, dict[str, tuple[float, int, int]]], ending: str = ".nii.gz"
+) -> None:
     """summary.json as nnU-Net writes it; per case: label -> (Dice, n_ref, n_pred)."""
     rows = []
     for case, labels in per_case.items():
@@ -90,8 +92,8 @@ def write_summary(folder: Path, gt: Path, per_case: dict[str, dict[str, tuple[fl
             }
         rows.append(
             {
-                "prediction_file": str(folder / f"{case}.nii.gz"),
-                "reference_file": str(gt / f"{case}.nii.gz"),
+                "prediction_file": str(folder / f"{case}{ending}"),
+                "reference_file": str(gt / f"{case}{ending}"),
                 "metrics": metrics,
             }
         )
@@ -128,9 +130,8 @@ def prediction(model: str, case: str) -> np.ndarray:
     return seg
 
 
-@pytest.fixture()
-def results_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """nnU-Net folders with models A, B and C; returns the dataset's results folder."""
+def build_results_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str = ".nii.gz") -> Path:
+    """nnU-Net folders with models A, B and C (files ``ending``); returns the dataset's results folder."""
     roots = {v: tmp_path / v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for var, path in roots.items():
         path.mkdir()
@@ -138,27 +139,35 @@ def results_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     pre = roots["nnUNet_preprocessed"] / DATASET
     gt = pre / "gt_segmentations"
     for case in CASES:
-        write_seg(gt / f"{case}.nii.gz", prediction("B", case))
+        write_seg(gt / f"{case}{ending}", prediction("B", case))
     splits = [{"train": [c for c in CASES if c not in v], "val": v} for v in FOLDS.values()]
     (pre / "splits_final.json").write_text(json.dumps(splits))
     res = roots["nnUNet_results"] / DATASET
+    plans = {**PLANS, "image_reader_writer": "SimpleITKIO" if ending == ".nii.gz" else "NaturalImage2DIO"}
+    dataset_json = {**DATASET_JSON, "file_ending": ending}
     for key, name in (("A", A), ("B", B)):
         folder = res / f"{name}__nnUNetPlans__2d"
         numbers = model_numbers(key)
         for f, cases in FOLDS.items():
             val = folder / f"fold_{f}" / "validation"
-            write_summary(val, gt, {c: numbers[c] for c in cases})
+            write_summary(val, gt, {c: numbers[c] for c in cases}, ending)
             for c in cases:
-                write_seg(val / f"{c}.nii.gz", prediction(key, c))
-        write_json(folder / "plans.json", PLANS)
-        write_json(folder / "dataset.json", DATASET_JSON)
+                write_seg(val / f"{c}{ending}", prediction(key, c))
+        write_json(folder / "plans.json", plans)
+        write_json(folder / "dataset.json", dataset_json)
     ens = res / C
-    write_summary(ens, gt, model_numbers("C"))
+    write_summary(ens, gt, model_numbers("C"), ending)
     for c in CASES:
-        write_seg(ens / f"{c}.nii.gz", prediction("C", c))
-    write_json(ens / "plans.json", PLANS)
-    write_json(ens / "dataset.json", DATASET_JSON)
+        write_seg(ens / f"{c}{ending}", prediction("C", c))
+    write_json(ens / "plans.json", plans)
+    write_json(ens / "dataset.json", dataset_json)
     return res
+
+
+@pytest.fixture()
+def results_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """nnU-Net folders with models A, B and C; returns the dataset's results folder."""
+    return build_results_env(tmp_path, monkeypatch)
 
 
 def write_json(path: Path, data: object) -> None:
@@ -350,8 +359,8 @@ def test_compare_end_to_end(results_env: Path, capsys: pytest.CaptureFixture) ->
     assert diff["pooled"][B]["HD95"]["mean_difference"] == pytest.approx(-(1.5 + 5 * 0.75) / 6)
     assert diff["per_label"][B]["NSD"]["1"]["mean_difference"] == pytest.approx(0.5)
 
-    assert [x["model"] for x in r["ranking"]] == [B, C, A]
-    ranks = {x["model"]: x["mean_case_rank"] for x in r["ranking"]}
+    assert [x["arm"] for x in r["ranking"]] == [B, C, A]
+    ranks = {x["arm"]: x["mean_case_rank"] for x in r["ranking"]}
     # per case (1 = best): case_0 B > A > C (C's label-2 Dice 0); case_3 A > B = C (difference -0.05);
     # elsewhere B = C > A
     assert ranks == pytest.approx({B: (1 + 4 * 1.5 + 2.5) / 6, C: (3 + 4 * 1.5 + 2.5) / 6, A: (2 + 4 * 3 + 1) / 6})
@@ -369,7 +378,7 @@ def test_compare_end_to_end(results_env: Path, capsys: pytest.CaptureFixture) ->
         "## Setup",
         "## Per fold",
         "## Pooled over folds",
-        "## Differences against the baseline",
+        "## Case level: differences against the baseline",
         "## Ranking",
         "## Excluded (NaN) values",
         "nnunet-selfreg compare -d 42 -c 2d",
@@ -379,9 +388,13 @@ def test_compare_end_to_end(results_env: Path, capsys: pytest.CaptureFixture) ->
         "![paired_dice](paired_dice.png)",
     ):
         assert text in report, text
+    # one run per arm: the first lines say so, before any p-value (report and console)
+    statement = "cannot support a claim about a method"
+    assert report.index("## Verdict") < report.index(statement) < report.index("Wilcoxon p")
     captured = capsys.readouterr()
     assert "surface metrics: case 6/6" in captured.err
     assert "report:" in captured.out
+    assert captured.out.index(statement.split()[0]) < captured.out.index("p =")
 
 
 def test_no_overwrite_unless_asked(results_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -66,7 +66,7 @@ def check_demo_results(r: dict, folds: list[int]) -> None:
     if d["ci_method"] != "none":
         assert d["ci_low"] <= d["mean_difference"] <= d["ci_high"]
     assert d["p_value"] is None or 0.0 < d["p_value"] <= 1.0
-    assert sorted(x["model"] for x in r["ranking"]) == ["nnUNetTrainerSelfReg_Budget", "nnUNetTrainer_Budget"]
+    assert sorted(x["arm"] for x in r["ranking"]) == ["nnUNetTrainerSelfReg_Budget", "nnUNetTrainer_Budget"]
 
 
 @pytest.fixture(scope="module")

@@ -78,10 +78,25 @@ def test_rank_stability_separated_models_are_stable_and_close_ones_are_not():
     base = rng.uniform(0.5, 0.9, 40)
     values = {"a": base + 0.2, "b": base, "c": base + rng.normal(0, 0.02, 40), "d": base - 0.2}
     out = rank_stability(values, n_boot=300, seed=0)
-    assert out["full_ranks"]["a"] == 1 and out["full_ranks"]["d"] == 4
-    assert out["rank_counts"]["a"][0] == 300 and out["rank_counts"]["d"][3] == 300  # always first / last
-    assert 0 < out["rank_counts"]["b"][1] < 300  # b and c swap places between resamples
-    assert sum(out["rank_counts"]["c"]) == 300
-    assert 0.6 < out["tau"]["median"] <= 1.0 and out["tau"]["p2.5"] < 1.0
+    assert out.full_ranks["a"] == 1 and out.full_ranks["d"] == 4
+    assert out.rank_counts["a"][0] == 300 and out.rank_counts["d"][3] == 300  # always first / last
+    assert 0 < out.rank_counts["b"][1] < 300  # b and c swap places between resamples
+    assert sum(out.rank_counts["c"]) == 300
+    assert 0.6 < out.tau["median"] <= 1.0 and out.tau["p2.5"] < 1.0
     # same seed, same result
-    assert rank_stability(values, n_boot=300, seed=0)["rank_counts"] == out["rank_counts"]
+    assert rank_stability(values, n_boot=300, seed=0).rank_counts == out.rank_counts
+
+
+def test_rank_stability_resamples_runs_too():
+    """Two arms whose runs disagree about the order: case resampling alone (identical runs) never swaps them,
+    resampling the runs does."""
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.5, 0.9, 30)
+    folds = np.repeat(np.arange(3), 10)
+    steady = {"a": np.stack([base + 0.01, base + 0.01]), "b": np.stack([base, base])}
+    assert rank_stability(steady, n_boot=200, seed=0, folds=folds).rank_counts["a"] == [200, 0]
+    # arm a: one run well above b, one well below; their mean is still above b
+    noisy = {"a": np.stack([base + 0.06, base - 0.04]), "b": np.stack([base, base])}
+    out = rank_stability(noisy, n_boot=400, seed=0, folds=folds)
+    assert out.full_ranks == {"a": 1.0, "b": 2.0}
+    assert 0 < out.rank_counts["a"][1] < 400 and out.n_cases == 30

@@ -13,19 +13,23 @@ What a fair comparison of segmentation models reports beyond "mean difference an
 - **Win / tie / loss** counts of the per-case differences.
 - **Equivalence** (paired two one-sided tests, TOST): "the difference lies within ±margin" is shown
   when both one-sided Wilcoxon signed-rank tests of ``d + margin > 0`` and ``d − margin < 0`` reject.
-- **Rank stability**: cases are bootstrapped, models re-ranked on each resample; the rank
-  distribution of each model and Kendall's τ between the full-data ranking and each bootstrap
-  ranking say how much the ranking is an accident of the case sample.
+- **Rank stability**: runs and cases are resampled as for the run-aware interval
+  (:func:`nnunet_selfreg.evaluation.replicates.resampled_means`; with one run per arm: the cases of
+  each fold), the arms re-ranked on each resample; the rank distribution of each arm and Kendall's τ
+  between the full-data ranking and each resampled ranking say how much the ranking is an accident of
+  the case sample and of the training runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats
+
+from nnunet_selfreg.evaluation.model import Equivalence, RankStability
+from nnunet_selfreg.evaluation.replicates import resampled_means
 
 CORRECTIONS = ("holm", "bh", "none")
 
@@ -113,21 +117,6 @@ def win_tie_loss(diff: np.ndarray) -> tuple[int, int, int]:
     return int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())
 
 
-@dataclass
-class Equivalence:
-    """Paired TOST of ``|shift| < margin`` with Wilcoxon signed-rank tests."""
-
-    margin: float
-    p_lower: float  # H0: shift <= -margin
-    p_upper: float  # H0: shift >= +margin
-    p_value: float  # max of the two
-    equivalent: bool  # p_value < alpha
-    alpha: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def tost(diff: np.ndarray, margin: float, alpha: float = 0.05) -> Equivalence:
     """Two one-sided Wilcoxon signed-rank tests of the differences against ``±margin``."""
     if not (margin > 0 and math.isfinite(margin)):
@@ -149,26 +138,31 @@ def _ranks(means: np.ndarray, higher_is_better: bool) -> np.ndarray:
 
 
 def rank_stability(
-    values: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0, higher_is_better: bool = True
-) -> dict:
-    """Bootstrap the cases, rank the models by their mean on each resample.
+    values: dict[str, np.ndarray],
+    n_boot: int = 1000,
+    seed: int = 0,
+    higher_is_better: bool = True,
+    folds: np.ndarray | None = None,
+) -> RankStability:
+    """Resample runs and cases, rank the arms by their mean on each resample.
 
-    ``values``: model -> per-case values over the same cases; cases with a NaN for any model are
-    dropped. Returns the full-data ranking, each model's rank distribution (counts of each rank
-    over the resamples, ranks rounded down for ties), and Kendall's τ between the full-data ranking
-    and each bootstrap ranking (median, 2.5 and 97.5 percentiles).
+    ``values``: arm -> per-case values over the same cases, one row per run ((runs, cases), or (cases,) for
+    one run); cases with a NaN in any run of any arm are dropped. ``folds`` keeps each case inside its fold
+    (None: one fold). Returns the full-data ranking, each arm's rank distribution (counts of each rank over
+    the resamples, ranks rounded down for ties), and Kendall's τ between the full-data ranking and each
+    resampled ranking (median, 2.5 and 97.5 percentiles).
     """
     names = list(values)
-    matrix = np.stack([np.asarray(values[n], dtype=float) for n in names], axis=1)
-    matrix = matrix[~np.isnan(matrix).any(axis=1)]
-    n_cases, k = matrix.shape
+    matrices = [np.atleast_2d(np.asarray(values[n], dtype=float)) for n in names]
+    n_all = matrices[0].shape[1]
+    folds = np.zeros(n_all, dtype=int) if folds is None else np.asarray(folds)
+    keep = ~np.any([np.isnan(m).any(axis=0) for m in matrices], axis=0)
+    matrices = [m[:, keep] for m in matrices]
+    n_cases, k = int(keep.sum()), len(names)
     if n_cases < 2 or k < 2:
-        return {"models": names, "n_cases": n_cases, "n_boot": 0, "full_ranks": {}, "rank_counts": {}, "tau": {}}
-    full = _ranks(matrix.mean(axis=0), higher_is_better)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n_cases, size=(n_boot, n_cases))
-    boot_means = matrix[idx].mean(axis=1)  # (n_boot, k)
-    boot_ranks = _ranks(boot_means, higher_is_better)
+        return RankStability(names, n_cases, 0, seed, {}, {}, {})
+    full = _ranks(np.array([m.mean() for m in matrices]), higher_is_better)
+    boot_ranks = _ranks(resampled_means(matrices, folds[keep], n_boot, np.random.default_rng(seed)), higher_is_better)
     taus = np.array([stats.kendalltau(full, r).statistic if np.ptp(r) > 0 else math.nan for r in boot_ranks])
     counts = {
         n: [int((np.floor(boot_ranks[:, j]) == rank).sum()) for rank in range(1, k + 1)] for j, n in enumerate(names)
@@ -184,12 +178,12 @@ def rank_stability(
         if len(finite)
         else {"median": math.nan, "p2.5": math.nan, "p97.5": math.nan, "undefined": int(len(taus))}
     )
-    return {
-        "models": names,
-        "n_cases": int(n_cases),
-        "n_boot": int(n_boot),
-        "seed": int(seed),
-        "full_ranks": {n: float(r) for n, r in zip(names, full, strict=True)},
-        "rank_counts": counts,
-        "tau": tau,
-    }
+    return RankStability(
+        arms=names,
+        n_cases=n_cases,
+        n_boot=int(n_boot),
+        seed=int(seed),
+        full_ranks={n: float(r) for n, r in zip(names, full, strict=True)},
+        rank_counts=counts,
+        tau=tau,
+    )

@@ -6,8 +6,9 @@ label in the prediction and in the reference, or the given instance maps. The ma
 (unique by construction) and PQ/SQ/RQ are MONAI's ``compute_panoptic_quality`` (Kirillov et al.,
 CVPR 2019): ``RQ = TP / (TP + FP/2 + FN/2)`` is the F1 score of the matched objects, ``SQ`` the mean IoU
 of the matches, ``PQ = SQ · RQ``. The aggregated Jaccard index (Kumar et al., IEEE TMI 2017), which MONAI
-does not offer, is computed here: each reference object is paired with the predicted object of largest
-IoU with it, ``AJI = Σ|G ∩ P*| / (Σ|G ∪ P*| + Σ|unpaired P|)``.
+does not offer, is computed here: each reference object G is paired with the predicted object P* of largest
+IoU with it (G is unpaired when no predicted object overlaps it),
+``AJI = Σ_paired |G ∩ P*| / (Σ_paired |G ∪ P*| + Σ_unpaired |G| + Σ_unused |P|)``.
 
 No object in either map: every metric is NaN (left out of the means, as nnU-Net does for Dice).
 """

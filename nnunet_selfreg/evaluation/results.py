@@ -23,6 +23,7 @@ import numpy as np
 
 from nnunet_selfreg import nnunet_folders
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.evaluation.model import Arm, CaseTable
 from nnunet_selfreg.nnunet_folders import (
     env_folder,
     fold_folder,
@@ -38,6 +39,12 @@ MERGED_LAYOUT = "merged"
 #: per-case numbers taken from summary.json (per label)
 SUMMARY_METRICS = ("Dice", "IoU", "n_ref", "n_pred")
 _MEAN_TOLERANCE = 1e-6
+#: nnU-Net writes every trainer attribute (as text) into fold_F/debug.json when training starts
+DEBUG_FILE = "debug.json"
+TRAINING_LENGTH_KEYS = ("num_epochs", "num_iterations_per_epoch")
+#: readers of images that carry no spacing (nnU-Net gives them spacing 1): distances are in pixels
+PIXEL_READERS = ("NaturalImage2DIO",)
+PIXEL_FILE_ENDINGS = (".png", ".bmp")
 
 
 class CompareInputError(UserError, ValueError):
@@ -92,10 +99,24 @@ class Comparison:
     results_folder: Path
     preprocessed_folder: Path | None
     notes: list[str] = field(default_factory=list)
+    arms: list[Arm] = field(default_factory=list)  # empty: each model is an arm of one run
+
+    def __post_init__(self) -> None:
+        if not self.arms:
+            self.arms = [Arm(m.name, [m.name]) for m in self.models]
 
     @property
     def baseline(self) -> ModelResults:
         return self.models[0]
+
+    @property
+    def spatial_unit(self) -> str:
+        """ "px" where the images carry no spacing (2D PNG/BMP, nnU-Net's ``NaturalImage2DIO``), else "mm"."""
+        ending = self.baseline.file_ending.lower()
+        return "px" if self.reader in PIXEL_READERS or ending in PIXEL_FILE_ENDINGS else "mm"
+
+    def arm_of(self, run: str) -> str:
+        return next(a.name for a in self.arms if run in a.runs)
 
     def values(self, model: ModelResults, metric: str, label: str) -> np.ndarray:
         """Per-case values of ``metric`` for ``label`` from summary.json, in ``cases`` order."""
@@ -323,27 +344,49 @@ def label_keys(model: ModelResults) -> tuple[list[str], dict[str, str], int | No
 # --------------------------------------------------------------------------- loading and pairing
 
 
-def missing_fold_message(model: ModelResults, fold: int, dataset: str) -> str:
-    """Why fold ``fold`` of ``model`` has no validation summary, and the command that produces it."""
-    fold_dir = fold_folder(model.folder, fold)
-    cmd = f"nnUNetv2_train {dataset} {model.configuration} {fold} -tr {model.trainer} -p {model.plans_identifier}"
+def _has_validation(model: ModelResults, fold: int) -> bool:
+    return (fold_folder(model.folder, fold) / "validation" / "summary.json").is_file()
+
+
+def _folds_present(model: ModelResults) -> list[int]:
+    numbers = [p.name.removeprefix("fold_") for p in fold_folders(model.folder)]
+    return sorted(int(n) for n in numbers if n.isdigit() and _has_validation(model, int(n)))
+
+
+def _fold_list(folds: list[int]) -> str:
+    return f"fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}"
+
+
+def missing_folds_message(model: ModelResults, folds: list[int], dataset: str) -> str:
+    """Which of ``folds`` ``model`` lacks, and the command that produces them."""
+    fold = str(folds[0]) if len(folds) == 1 else "FOLD"
     if model.trainer is None:
-        return f"{model.name} lacks fold {fold} ({fold_dir}/validation/summary.json does not exist)"
-    if (fold_dir / "checkpoint_final.pth").is_file():
-        return f"{model.name} lacks the validation of fold {fold}: run `{cmd} --val`"
-    return f"{model.name} lacks fold {fold}: `{cmd}` would produce it"
+        return f"{model.name} lacks {_fold_list(folds)} (no fold_F/validation/summary.json in {model.folder})"
+    cmd = f"nnUNetv2_train {dataset} {model.configuration} {fold} -tr {model.trainer} -p {model.plans_identifier}"
+    trained = [f for f in folds if (fold_folder(model.folder, f) / "checkpoint_final.pth").is_file()]
+    if trained == folds:
+        return f"{model.name} lacks the validation of {_fold_list(folds)}: run `{cmd} --val`"
+    return f"{model.name} lacks {_fold_list(folds)}: `{cmd}` would produce {'it' if len(folds) == 1 else 'each'}"
+
+
+def _check_folds(models: list[ModelResults], folds: list[int], dataset: str) -> None:
+    """One short error naming what each model lacks and the folds that every model has."""
+    trained = [m for m in models if m.layout == FOLDS_LAYOUT]
+    lacking = {m.name: [f for f in folds if not _has_validation(m, f)] for m in trained}
+    problems = [missing_folds_message(m, lacking[m.name], dataset) for m in trained if lacking[m.name]]
+    if not problems:
+        return
+    common = sorted(set.intersection(*(set(_folds_present(m)) for m in trained)))
+    hint = (
+        f"folds every model has: {', '.join(map(str, common))} (compare them with -f {' '.join(map(str, common))})"
+        if common
+        else "no fold is complete in every model"
+    )
+    raise CompareInputError(f"missing folds: {'; '.join(problems)}. {hint}")
 
 
 def _load_models(models: list[ModelResults], folds: list[int], labels: list[str], dataset: str) -> None:
-    missing = [
-        missing_fold_message(m, f, dataset)
-        for m in models
-        if m.layout == FOLDS_LAYOUT
-        for f in folds
-        if not (fold_folder(m.folder, f) / "validation" / "summary.json").is_file()
-    ]
-    if missing:
-        raise CompareInputError("missing folds: " + "; ".join(missing))
+    _check_folds(models, folds, dataset)
     for m in models:
         if m.layout == MERGED_LAYOUT:
             m.cases = load_summary(m.folder / "summary.json", m.file_ending, labels, None)
@@ -501,8 +544,11 @@ def load_comparison(
     entries: list[str],
     plans_identifier: str = "nnUNetPlans",
     folds: list[int] | tuple[int, ...] = DEFAULT_FOLDS,
+    arms: list[Arm] | None = None,
+    allow_unequal_training: bool = False,
 ) -> Comparison:
-    """Locate, validate and pair the validation results of ``entries`` (the first is the baseline)."""
+    """Locate, validate and pair the validation results of ``entries`` (the first is the baseline), grouped
+    into ``arms`` (default: one arm per entry); refuse runs trained for different lengths."""
     results_root = require_env_folder("nnUNet_results", CompareInputError)
     name = resolve_dataset(dataset)
     dataset_folder = results_root / name
@@ -536,10 +582,84 @@ def load_comparison(
         results_folder=dataset_folder,
         preprocessed_folder=preprocessed,
         notes=notes,
+        arms=list(arms or []),
     )
     _check_plans(comparison)
     _note_splits(comparison, expected, splits)
+    check_training_lengths(comparison, allow_unequal_training)
+    _note_mixed_trainers(comparison)
     return comparison
+
+
+# --------------------------------------------------------------------------- training lengths
+
+
+def training_length(model: ModelResults, fold: int) -> tuple[int, int] | None:
+    """(epochs, iterations per epoch) of one fold from nnU-Net's ``debug.json``; None if it is not there."""
+    path = fold_folder(model.folder, fold) / DEBUG_FILE
+    try:
+        data = json.loads(path.read_text())
+        return tuple(int(data[k]) for k in TRAINING_LENGTH_KEYS)  # type: ignore[return-value]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _describe_lengths(lengths: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{who}: {e} epochs x {i} iterations" for who, (e, i) in lengths.items())
+
+
+def check_training_lengths(comparison: Comparison, allow_unequal: bool = False) -> None:
+    """Runs must be trained for as long as each other: every fold of a run, every run of an arm and (unless
+    ``allow_unequal``) every arm. ``*_Budget`` trainers take their length from the environment, so runs of
+    different lengths can share one trainer name; nnU-Net's ``debug.json`` records the length of each fold."""
+    lengths: dict[str, tuple[int, int]] = {}
+    unchecked = []
+    for m in comparison.models:
+        per_fold = {f: training_length(m, f) for f in comparison.folds} if m.layout == FOLDS_LAYOUT else {}
+        known = {f"fold {f}": n for f, n in per_fold.items() if n is not None}
+        if not known:
+            unchecked.append(m.name)
+            continue
+        if len(set(known.values())) > 1:
+            raise CompareInputError(
+                f"{m.name} holds folds trained for different lengths ({_describe_lengths(known)}, from "
+                f"{DEBUG_FILE}): retrain the odd folds with the same budget (a *_Budget trainer reads it from "
+                "NNUNET_SELFREG_BUDGET_EPOCHS / _ITERATIONS)"
+            )
+        lengths[m.name] = next(iter(known.values()))
+    for arm in comparison.arms:
+        runs = {r: lengths[r] for r in arm.runs if r in lengths}
+        if len(set(runs.values())) > 1:
+            raise CompareInputError(
+                f"the runs of arm {arm.name} were trained for different lengths ({_describe_lengths(runs)}): "
+                "repeated runs must repeat one command; retrain them with the same budget"
+            )
+    firsts = {a.name: lengths[r] for a in comparison.arms for r in a.runs[:1] if r in lengths}
+    if len(set(firsts.values())) > 1:
+        if not allow_unequal:
+            raise CompareInputError(
+                f"the arms were trained for different lengths ({_describe_lengths(firsts)}): a fair comparison "
+                "trains each equally long; retrain, or add --allow-unequal-training if the length is what you compare"
+            )
+        comparison.notes.append(f"the arms were trained for different lengths: {_describe_lengths(firsts)}.")
+    if unchecked:
+        comparison.notes.append(
+            f"training length not checked for {', '.join(unchecked)}: no readable fold_F/{DEBUG_FILE} "
+            "(merged folders and copied results lack it)."
+        )
+
+
+def _note_mixed_trainers(comparison: Comparison) -> None:
+    from nnunet_selfreg.evaluation.replicates import repeat_of
+
+    by_name = {m.name: m for m in comparison.models}
+    for arm in comparison.arms:
+        trainers = {repeat_of(by_name[r].trainer) for r in arm.runs if by_name[r].trainer is not None}
+        if len(trainers) > 1:
+            comparison.notes.append(
+                f"arm {arm.name} holds runs of different trainers ({', '.join(sorted(trainers))}): they are "
+                "treated as repeats of one command."
+            )
 
 
 def _note_splits(comparison: Comparison, expected: dict[int, set[str]], splits: list[set[str]] | None) -> None:
@@ -567,7 +687,7 @@ def reference_file(comparison: Comparison, case: str) -> Path:
             return path
     raise CompareInputError(
         f"the reference segmentation of case {case} was not found (looked for {', '.join(map(str, candidates))}): "
-        "set nnUNet_preprocessed, or use --no-surface to compare Dice/IoU only"
+        "set nnUNet_preprocessed, or compare Dice/IoU only (--no-surface, without --instances)"
     )
 
 
@@ -578,28 +698,47 @@ def prediction_file(model: ModelResults, case: str) -> Path:
         return path
     raise CompareInputError(
         f"{model.name}: the prediction of case {case} is missing ({path}); re-run the validation with "
-        "`nnUNetv2_train ... --val`, or use --no-surface to compare Dice/IoU only"
+        "`nnUNetv2_train ... --val`, or compare without the metrics read from prediction files"
     )
 
 
-def build_table(comparison: Comparison, surface: dict | None = None) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """model -> metric -> label -> per-case values (``cases`` order): Dice/IoU from summary.json, and
-    the file-based metrics in ``surface`` (case -> model -> metric -> label -> value) when given:
-    HD95/NSD per label, instance metrics for their one label."""
-    table: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+def check_prediction_files(comparison: Comparison, surface: bool, instances: bool) -> None:
+    """Before the file metrics start: every prediction they read exists, else one line that says which
+    and what to change (add --no-surface for HD95/NSD, drop --instances for the instance metrics)."""
+    if not (surface or instances):
+        return
     for m in comparison.models:
-        table[m.name] = {
+        missing = [c for c in comparison.cases if not m.cases[c].prediction_file.is_file()]
+        if not missing:
+            continue
+        needs = " and ".join(w for w, on in (("HD95/NSD", surface), ("the instance metrics", instances)) if on)
+        fix = " and ".join(o for o, on in (("add --no-surface", surface), ("drop --instances", instances)) if on)
+        raise CompareInputError(
+            f"{m.name}: the prediction of case {missing[0]} is missing ({m.cases[missing[0]].prediction_file}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}), which {needs} need; re-run the "
+            f"validation with `nnUNetv2_train ... --val`, or {fix} to compare Dice/IoU only"
+        )
+
+
+def build_table(comparison: Comparison, surface: dict | None = None) -> CaseTable:
+    """Every run's per-case values (``cases`` order): Dice/IoU from summary.json, and the file-based metrics
+    in ``surface`` (case -> model -> metric -> label -> value) when given: HD95/NSD per label, instance
+    metrics for their one label."""
+    values: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for m in comparison.models:
+        values[m.name] = {
             metric: {label: comparison.values(m, metric, label) for label in comparison.labels}
             for metric in ("Dice", "IoU")
         }
         if surface is not None:
             first = surface[comparison.cases[0]][m.name]
             for metric, per_label in first.items():
-                table[m.name][metric] = {
+                values[m.name][metric] = {
                     label: np.array([surface[c][m.name][metric][label] for c in comparison.cases], dtype=float)
                     for label in per_label
                 }
-    return table
+    folds = np.array([comparison.case_folds[c] for c in comparison.cases])
+    return CaseTable(list(comparison.cases), folds, values)
 
 
 def emptiness(comparison: Comparison) -> dict[str, dict[str, dict[str, int]]]:

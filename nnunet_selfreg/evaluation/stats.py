@@ -1,16 +1,36 @@
-"""Aggregates (nnU-Net's means), paired differences (bootstrap CI, Wilcoxon, effect sizes) and rankings."""
+"""Aggregates (nnU-Net's means), paired differences (bootstrap CI, Wilcoxon, effect sizes), run-level
+comparisons of arms with several runs, verdicts and rankings: they fill :mod:`.model`'s dataclasses."""
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-from nnunet_selfreg.evaluation import effects
+from nnunet_selfreg.evaluation import effects, replicates
+from nnunet_selfreg.evaluation.model import (
+    FOREGROUND,
+    AAComparison,
+    Aggregates,
+    Arm,
+    CaseTable,
+    Correction,
+    Differences,
+    MatchedMean,
+    MethodComparison,
+    PairedDifference,
+    RankEntry,
+    Ranking,
+    RunLevelResult,
+    case_foreground_mean,
+    nanmean,
+)
+from nnunet_selfreg.evaluation.replicates import repeat_of
+
+__all__ = ["FOREGROUND", "HIGHER_IS_BETTER", "case_foreground_mean", "paired_difference", "repeat_of"]
 
 #: metric -> True when larger values are better
 HIGHER_IS_BETTER = {
@@ -20,60 +40,15 @@ HIGHER_IS_BETTER = {
     "NSD": True,
     **{m: True for m in ("PQ", "SQ", "RQ", "AJI")},  # instance metrics
 }
-FOREGROUND = "foreground_mean"
 #: the exact two-sided Wilcoxon p is at least 2 / 2**n, i.e. >= 0.0625 for n <= 5 non-zero differences
 MIN_NONZERO_FOR_005 = 6
-
-#: model -> metric -> label key (or FOREGROUND) -> per-case values
-Table = dict[str, dict[str, dict[str, np.ndarray]]]
-
-
-def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
-    """``np.nanmean`` without the all-NaN warning (the result is NaN there)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(values, axis=axis)
 
 
 def nnunet_means(per_label: dict[str, np.ndarray]) -> dict[str, float]:
     """nnU-Net's aggregation: per label the mean over cases ignoring NaN; foreground mean over labels."""
-    means = {label: float(_nanmean(v)) if len(v) else math.nan for label, v in per_label.items()}
+    means = {label: float(nanmean(v)) if len(v) else math.nan for label, v in per_label.items()}
     means[FOREGROUND] = float(np.mean([m for label, m in means.items() if label != "0"]))
     return means
-
-
-def case_foreground_mean(per_label: dict[str, np.ndarray]) -> np.ndarray:
-    """Per case: mean over labels of the defined (non-NaN) values; NaN if no label is defined."""
-    stacked = np.stack([v for label, v in per_label.items() if label != "0"], axis=0)
-    return np.asarray(_nanmean(stacked, axis=0), dtype=float)
-
-
-@dataclass
-class PairedDifference:
-    """``other - baseline`` over cases defined for both."""
-
-    n_pairs: int
-    n_excluded: int
-    mean_baseline: float
-    mean_other: float
-    mean_difference: float
-    ci_low: float
-    ci_high: float
-    ci_method: str
-    wilcoxon_statistic: float
-    p_value: float
-    n_nonzero: int
-    note: str
-    hl_estimate: float = math.nan  # Hodges-Lehmann shift (median of Walsh averages)
-    hl_ci_low: float = math.nan
-    hl_ci_high: float = math.nan
-    rank_biserial: float = math.nan  # matched-pairs, sign of other - baseline
-    better: int = 0  # cases where other is better than the baseline (metric direction aware)
-    ties: int = 0
-    worse: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def bootstrap_ci(
@@ -170,139 +145,243 @@ def mean_ranks(values: dict[str, np.ndarray], higher_is_better: bool = True) -> 
     return {n: float(r) for n, r in zip(names, ranks.mean(axis=0), strict=True)}, len(matrix)
 
 
-def ranking(table: Table, metric: str = "Dice") -> list[dict]:
-    """Models by pooled nnU-Net foreground mean of ``metric``; mean per-case rank as a second view."""
-    higher = HIGHER_IS_BETTER[metric]
-    per_case = {m: case_foreground_mean(table[m][metric]) for m in table}
-    ranks, n_cases = mean_ranks(per_case, higher)
-    pooled = {m: nnunet_means(table[m][metric])[FOREGROUND] for m in table}
-    order = sorted(table, key=lambda m: (math.isnan(pooled[m]), -pooled[m] if higher else pooled[m]))
-    return [
-        {
-            "position": i + 1,
-            "model": m,
-            f"pooled_{metric}": pooled[m],
-            "mean_case_rank": ranks[m],
-            "n_cases_ranked": n_cases,
-        }
-        for i, m in enumerate(order)
-    ]
-
-
 def _select(per_label: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
     return {label: v[mask] for label, v in per_label.items()}
 
 
-def aggregates(table: Table, folds: np.ndarray, fold_ids: list[int]) -> dict:
-    """nnU-Net means per model and metric: pooled over folds and per fold."""
-    out: dict = {"pooled": {}, "per_fold": {str(f): {} for f in fold_ids}}
-    for model, metrics in table.items():
-        out["pooled"][model] = {metric: nnunet_means(v) for metric, v in metrics.items()}
-        for f in fold_ids:
-            sel = folds == f
-            out["per_fold"][str(f)][model] = {metric: nnunet_means(_select(v, sel)) for metric, v in metrics.items()}
-    return out
+def aggregates(table: CaseTable) -> Aggregates:
+    """nnU-Net means of every run and metric: pooled over folds and per fold; SQ also over matched cases."""
+    pooled = {run: {metric: nnunet_means(v) for metric, v in metrics.items()} for run, metrics in table.values.items()}
+    per_fold = {
+        str(f): {
+            run: {metric: nnunet_means(_select(v, table.folds == f)) for metric, v in metrics.items()}
+            for run, metrics in table.values.items()
+        }
+        for f in np.unique(table.folds)
+    }
+    return Aggregates(pooled, per_fold, sq_matched_only(table))
 
 
-def repeat_of(model: str) -> str:
-    """The trainer a repeated run (``X_Rep2``, ``X_Rep3_Budget`` …) repeats; the name itself otherwise."""
-    return re.sub(r"_Rep\d+(?=_|$)", "", model)
+def sq_matched_only(table: CaseTable) -> dict[str, MatchedMean]:
+    """Mean SQ of each run over the cases with at least one matched object.
 
-
-def differences(
-    table: Table,
-    folds: np.ndarray,
-    fold_ids: list[int],
-    n_boot: int,
-    seed: int,
-    correction: str = "holm",
-    margin: float | None = None,
-) -> dict:
-    """Paired differences of every model against the first: foreground mean pooled and per fold,
-    and per label pooled. The pooled comparisons (models x metrics) form the family whose p-values
-    are corrected (``p_adjusted``); with ``margin``, pooled Dice gets a paired equivalence test."""
-    names = list(table)
-    base = names[0]
-    out: dict = {"baseline": base, "pooled": {}, "per_fold": {str(f): {} for f in fold_ids}, "per_label": {}}
-    for model in names[1:]:
-        out["pooled"][model], out["per_label"][model] = {}, {}
-        for f in fold_ids:
-            out["per_fold"][str(f)][model] = {}
-        for metric in table[model]:
-            higher = HIGHER_IS_BETTER[metric]
-            b = case_foreground_mean(table[base][metric])
-            o = case_foreground_mean(table[model][metric])
-            out["pooled"][model][metric] = paired_difference(b, o, n_boot, seed, higher).as_dict()
-            if margin is not None and metric == "Dice":
-                ok = ~(np.isnan(b) | np.isnan(o))
-                out["pooled"][model][metric]["equivalence"] = effects.tost(o[ok] - b[ok], margin).as_dict()
-            for f in fold_ids:
-                sel = folds == f
-                out["per_fold"][str(f)][model][metric] = paired_difference(
-                    b[sel], o[sel], n_boot, seed, higher
-                ).as_dict()
-            out["per_label"][model][metric] = {
-                label: paired_difference(table[base][metric][label], values, n_boot, seed, higher).as_dict()
-                for label, values in table[model][metric].items()
-            }
-    family = [(m, metric) for m, per in out["pooled"].items() for metric in per]
-    adjusted = effects.adjust_pvalues([out["pooled"][m][metric]["p_value"] for m, metric in family], correction)
-    for (m, metric), p in zip(family, adjusted, strict=True):
-        out["pooled"][m][metric]["p_adjusted"] = p
-    out["correction"] = {"method": correction, "family_size": len(family), "family": "pooled, models x metrics"}
-    out["noise_floor"] = noise_floor(out["pooled"], base)
-    return out
-
-
-def noise_floor(pooled: dict, baseline: str) -> dict:
-    """Run-to-run (A/A) differences: repeated runs of the baseline against the baseline, per metric.
-
-    ``floor`` is the largest absolute mean difference between two runs of the same trainer: a method
-    difference smaller than it cannot be told apart from training noise with these runs.
+    MONAI's panoptic quality gives SQ = 0 to a case without a match (a matched pair has IoU > 0.5, so a
+    positive SQ means a match): those zeros pull the mean SQ down although SQ is meant as the quality of
+    the matches.
     """
-    runs = [m for m in pooled if m != baseline and repeat_of(m) == repeat_of(baseline)]
-    out: dict = {"runs": runs, "per_metric": {}}
-    if not runs:
-        return out
-    for metric in pooled[runs[0]]:
-        diffs = [pooled[m][metric]["mean_difference"] for m in runs]
-        out["per_metric"][metric] = {
-            "mean_differences": diffs,
-            "floor": float(np.nanmax(np.abs(diffs))) if not np.all(np.isnan(diffs)) else math.nan,
-            "p_values": [pooled[m][metric]["p_value"] for m in runs],
+    if "SQ" not in table.metrics:
+        return {}
+    out = {}
+    for run in table.runs:
+        sq = table.run_values(run, "SQ")
+        matched = sq[~np.isnan(sq) & (sq > 0)]
+        out[run] = MatchedMean(float(matched.mean()) if len(matched) else math.nan, int(len(matched)))
+    return out
+
+
+def _arm_pair(table: CaseTable, baseline: Arm, arm: Arm, metric: str, label: str = FOREGROUND):
+    return table.arm_values(baseline, metric, label), table.arm_values(arm, metric, label)
+
+
+def _run_level(
+    table: CaseTable, baseline: Arm, arm: Arm, metric: str, n_boot: int, seed: int, margin: float | None
+) -> RunLevelResult | None:
+    if baseline.n_runs < 2 or arm.n_runs < 2:
+        return None
+    equivalence_margin = margin if metric == "Dice" else None
+    return replicates.run_level(
+        table.arm_matrix(baseline, metric), table.arm_matrix(arm, metric), table.folds, n_boot, seed, equivalence_margin
+    )
+
+
+def _case_level(
+    table: CaseTable, baseline: Arm, arm: Arm, metric: str, n_boot: int, seed: int, margin: float | None
+) -> PairedDifference:
+    base, other = _arm_pair(table, baseline, arm, metric)
+    diff = paired_difference(base, other, n_boot, seed, HIGHER_IS_BETTER[metric])
+    if margin is not None and metric == "Dice":
+        ok = ~(np.isnan(base) | np.isnan(other))
+        diff.equivalence = effects.tost(other[ok] - base[ok], margin)
+    return diff
+
+
+def correct(tests: list[PairedDifference | RunLevelResult], method: str) -> None:
+    """Set ``p_adjusted`` of the method comparisons' deciding tests, corrected together as one family."""
+    adjusted = effects.adjust_pvalues([t.p_value for t in tests], method)
+    for test, p in zip(tests, adjusted, strict=True):
+        test.p_adjusted = p
+
+
+def method_comparisons(
+    table: CaseTable, arms: list[Arm], n_boot: int, seed: int, correction: str, margin: float | None
+) -> tuple[dict[str, dict[str, MethodComparison]], Correction]:
+    """Every arm against the first, pooled over folds: case level always, run level where both arms have
+    two or more runs; the deciding tests (run level, else case level) form the corrected family, and each
+    comparison gets its verdict."""
+    baseline = arms[0]
+    levels = {
+        (arm.name, metric): (
+            _case_level(table, baseline, arm, metric, n_boot, seed, margin),
+            _run_level(table, baseline, arm, metric, n_boot, seed, margin),
+        )
+        for arm in arms[1:]
+        for metric in table.metrics
+    }
+    correct([run if run is not None else case for case, run in levels.values()], correction)
+    n_runs = {arm.name: arm.n_runs for arm in arms}
+    out: dict[str, dict[str, MethodComparison]] = {arm.name: {} for arm in arms[1:]}
+    for (name, metric), (case, run) in levels.items():
+        verdict = replicates.verdict(
+            name, baseline.name, metric, case, run, HIGHER_IS_BETTER[metric], (n_runs[baseline.name], n_runs[name])
+        )
+        out[name][metric] = MethodComparison(name, metric, case, run, verdict)
+    family = (
+        "method comparisons (arms x metrics): the run-level t-test where both arms have two or more runs, the "
+        "case-level Wilcoxon test otherwise; A/A comparisons are not part of it"
+    )
+    return out, Correction(correction, len(levels), family)
+
+
+def per_fold_differences(
+    table: CaseTable, arms: list[Arm], n_boot: int, seed: int
+) -> dict[str, dict[str, dict[str, PairedDifference]]]:
+    """Case-level differences of the arms' per-case values, fold by fold (uncorrected)."""
+    baseline = arms[0]
+    out: dict = {}
+    for f in np.unique(table.folds):
+        sel = table.folds == f
+        out[str(f)] = {
+            arm.name: {
+                metric: paired_difference(
+                    *(v[sel] for v in _arm_pair(table, baseline, arm, metric)), n_boot, seed, HIGHER_IS_BETTER[metric]
+                )
+                for metric in table.metrics
+            }
+            for arm in arms[1:]
         }
     return out
 
 
-def nan_counts(table: Table) -> dict:
-    """model -> metric -> label (and FOREGROUND, per case) -> number of cases with an undefined (NaN) value."""
+def per_label_differences(
+    table: CaseTable, arms: list[Arm], n_boot: int, seed: int
+) -> dict[str, dict[str, dict[str, PairedDifference]]]:
+    """Case-level differences of the arms' per-case values, label by label (uncorrected)."""
+    baseline = arms[0]
+    return {
+        arm.name: {
+            metric: {
+                label: paired_difference(
+                    *_arm_pair(table, baseline, arm, metric, label), n_boot, seed, HIGHER_IS_BETTER[metric]
+                )
+                for label in table.labels(metric)
+            }
+            for metric in table.metrics
+        }
+        for arm in arms[1:]
+    }
+
+
+def aa_comparisons(table: CaseTable, arms: list[Arm], n_boot: int, seed: int) -> list[AAComparison]:
+    """Each later run of an arm against the arm's first run: the same command trained again, with the
+    interval of its difference (what training noise alone does on these cases)."""
+    return [
+        AAComparison(
+            arm.name,
+            run,
+            arm.runs[0],
+            metric,
+            paired_difference(
+                table.run_values(arm.runs[0], metric),
+                table.run_values(run, metric),
+                n_boot,
+                seed,
+                HIGHER_IS_BETTER[metric],
+            ),
+        )
+        for arm in arms
+        for run in arm.runs[1:]
+        for metric in table.metrics
+    ]
+
+
+def differences(
+    table: CaseTable,
+    arms: list[Arm],
+    n_boot: int,
+    seed: int,
+    correction: str = "holm",
+    margin: float | None = None,
+) -> Differences:
+    """Every comparison against the first arm: pooled (with run level and verdict), per fold, per label,
+    and the A/A comparisons inside each arm."""
+    methods, corrected = method_comparisons(table, arms, n_boot, seed, correction, margin)
+    return Differences(
+        baseline=arms[0].name,
+        methods=methods,
+        per_fold=per_fold_differences(table, arms, n_boot, seed),
+        per_label=per_label_differences(table, arms, n_boot, seed),
+        correction=corrected,
+        aa=aa_comparisons(table, arms, n_boot, seed),
+    )
+
+
+RANKING_DEFINITION = (
+    "mean over the cases defined for every arm of each case's foreground {metric} (the mean over the labels "
+    "defined in that case; an arm's value is the mean over its runs): the per-case values that the paired "
+    "differences use. The same mean ranks the resamples of the stability analysis."
+)
+
+
+def ranking(table: CaseTable, arms: list[Arm], metric: str = "Dice", n_boot: int = 1000, seed: int = 0) -> Ranking:
+    """Arms by the mean of their per-case foreground values over the cases defined for every arm, the mean
+    per-case rank as a second view, and the ranking's stability under resampling of runs and cases."""
+    higher = HIGHER_IS_BETTER[metric]
+    per_case = {arm.name: table.arm_values(arm, metric) for arm in arms}
+    ranks, n_cases = mean_ranks(per_case, higher)
+    complete = ~np.any([np.isnan(v) for v in per_case.values()], axis=0)
+    means = {name: float(v[complete].mean()) if complete.any() else math.nan for name, v in per_case.items()}
+    order = sorted(means, key=lambda a: (math.isnan(means[a]), -means[a] if higher else means[a]))
+    entries = [RankEntry(i + 1, a, means[a], ranks[a], n_cases) for i, a in enumerate(order)]
+    stability = effects.rank_stability(
+        {arm.name: table.arm_matrix(arm, metric) for arm in arms}, n_boot, seed, higher, folds=table.folds
+    )
+    return Ranking(metric, RANKING_DEFINITION.format(metric=metric), entries, stability)
+
+
+def nan_counts(table: CaseTable) -> dict:
+    """run -> metric -> label (and FOREGROUND, per case) -> number of cases with an undefined (NaN) value."""
     out: dict = {}
-    for model, metrics in table.items():
-        out[model] = {}
+    for run, metrics in table.values.items():
+        out[run] = {}
         for metric, per_label in metrics.items():
             counts = {label: int(np.isnan(v).sum()) for label, v in per_label.items()}
             counts[FOREGROUND] = int(np.isnan(case_foreground_mean(per_label)).sum())
-            out[model][metric] = counts
+            out[run][metric] = counts
     return out
 
 
+@dataclass
+class Analysis:
+    aggregates: Aggregates
+    differences: Differences
+    ranking: Ranking
+    nan_counts: dict
+
+
 def analyse(
-    table: Table,
-    folds: np.ndarray,
-    fold_ids: list[int],
+    table: CaseTable,
+    arms: list[Arm],
     n_boot: int = 9999,
     seed: int = 0,
     correction: str = "holm",
     margin: float | None = None,
     rank_boot: int = 1000,
-) -> dict:
-    """Everything the report shows: means, paired differences against the first model, ranking and
-    its bootstrap stability, NaN counts."""
-    dice = {m: case_foreground_mean(table[m]["Dice"]) for m in table}
-    return {
-        "aggregates": aggregates(table, folds, fold_ids),
-        "differences": differences(table, folds, fold_ids, n_boot, seed, correction, margin),
-        "ranking": ranking(table, "Dice"),
-        "rank_stability": effects.rank_stability(dice, rank_boot, seed, higher_is_better=True),
-        "nan_counts": nan_counts(table),
-    }
+) -> Analysis:
+    """Everything the report shows: means, comparisons against the first arm, ranking and its stability,
+    NaN counts."""
+    return Analysis(
+        aggregates=aggregates(table),
+        differences=differences(table, arms, n_boot, seed, correction, margin),
+        ranking=ranking(table, arms, "Dice", rank_boot, seed),
+        nan_counts=nan_counts(table),
+    )

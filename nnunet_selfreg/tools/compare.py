@@ -8,9 +8,13 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.evaluation.results import DEFAULT_FOLDS, CompareInputError, Comparison
+
+if TYPE_CHECKING:
+    from nnunet_selfreg.evaluation.model import Arm
 
 DESCRIPTION = """\
 Compare nnU-Net trainers on their cross-validation results, case by case. The first -tr is the baseline.
@@ -20,6 +24,11 @@ or any results folder under $nnUNet_results/DATASET given by its relative path, 
 'ensembles/ensemble___A__P__C___B__P__C___0_1_2_3_4' or 'T__P__C/crossval_results_folds_0_1_2_3_4'
 (a folder with one summary.json for all cases; its cases are assigned to the folds of the other models,
 or of splits_final.json).
+
+Repeated training runs: X, X_Rep2, X_Rep3 (and X_Budget_Rep2, X_Rep2_Budget ...) are runs of one arm X;
+NAME=RUN,RUN,... makes an arm of any runs. With two or more runs in each arm, every comparison gets a
+run-level test, a run-aware interval, the run-to-run SD and the smallest difference the design detects.
+With one run per arm, the p-values compare trained models and cannot support a claim about a method.
 
 Dice and IoU come from nnU-Net's summary.json files; HD95 and normalised surface Dice are computed with
 MONAI from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations. Writes report.md,
@@ -51,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="TRAINER",
-        help="two or more trainers or result folders; the first is the baseline",
+        help="two or more arms: trainers or result folders (X_Rep2 ... join arm X), or NAME=RUN,RUN,... for an "
+        "arm of several runs; the first arm is the baseline",
     )
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument(
@@ -72,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=1.0,
         metavar="MM",
-        help="normalised surface Dice tolerance in mm (default: 1)",
+        help="normalised surface Dice tolerance in mm, in pixels for images without spacing (2D PNG) (default: 1)",
     )
     p.add_argument("--no-surface", action="store_true", help="skip HD95/NSD (Dice and IoU only, fast)")
     p.add_argument(
@@ -92,7 +102,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="DICE",
-        help="equivalence margin: test whether each model is within +-DICE of the baseline (paired TOST)",
+        help="equivalence margin: test whether each arm is within +-DICE of the baseline (TOST on the run means, "
+        "or paired on the cases with one run per arm)",
+    )
+    p.add_argument(
+        "--allow-unequal-training",
+        action="store_true",
+        help="compare arms trained for different lengths (epochs x iterations in each fold's debug.json)",
     )
     p.add_argument(
         "-np",
@@ -104,11 +120,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if len(args.trainers) < 2:
-        raise UserError("give at least two trainers with -tr: the first is the baseline, the others are compared to it")
+def _check_args(args: argparse.Namespace) -> list[Arm]:
+    """The arms of ``-tr`` once the arguments are valid."""
+    from nnunet_selfreg.evaluation.replicates import parse_arms
+
     if len(set(args.trainers)) != len(args.trainers):
         raise UserError(f"a trainer is given twice in -tr {' '.join(args.trainers)}")
+    arms = parse_arms(args.trainers)
+    if len(arms) < 2:
+        raise UserError(
+            "give at least two trainers (arms) with -tr: the first is the baseline, the others are compared to it "
+            f"(-tr {' '.join(args.trainers)} is one arm: {arms[0].name})"
+        )
     if any(f < 0 for f in args.folds):
         raise UserError(f"folds must be 0 or more, got {args.folds}")
     if not math.isfinite(args.nsd_tolerance) or args.nsd_tolerance < 0:
@@ -117,10 +140,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--margin must be a Dice difference between 0 and 1 (e.g. 0.01), got {args.margin}")
     if args.n_boot < 100:
         raise UserError(f"--n-boot {args.n_boot} is too few resamples for a confidence interval (use >= 100)")
+    return arms
 
 
-def default_output(comparison: Comparison, trainers: list[str]) -> Path:
-    names = "_vs_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", t).strip("-") for t in trainers)
+def default_output(comparison: Comparison, arms: list[str]) -> Path:
+    names = "_vs_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", a).strip("-") for a in arms)
     return comparison.results_folder / f"compare_{names}_{comparison.configuration}"
 
 
@@ -152,6 +176,7 @@ def command_line(args: argparse.Namespace, output: Path) -> str:
     parts += ["--margin", str(args.margin)] if args.margin is not None else []
     parts += ["--instances", args.instances] if args.instances is not None else []
     parts += ["--no-surface"] if args.no_surface else []
+    parts += ["--allow-unequal-training"] if args.allow_unequal_training else []
     parts += ["--overwrite"] if args.overwrite else []
     return shlex.join(parts)
 
@@ -187,60 +212,52 @@ def surface_metrics(comparison: Comparison, args: argparse.Namespace) -> tuple[d
     )
 
 
-def _print_summary(results: dict, output: Path) -> None:
-    print(f"compared {results['setup']['n_cases']} cases over folds {results['setup']['folds']}")
-    for r in results["ranking"]:
-        print(
-            f"  {r['position']}. {r['model']}: pooled Dice {r['pooled_Dice']:.4f}, mean case rank "
-            f"{r['mean_case_rank']:.2f}"
-        )
-    for model, per in results["differences"]["pooled"].items():
-        d = per["Dice"]
-        print(
-            f"  {model} - {results['differences']['baseline']}: Dice {d['mean_difference']:+.4f} "
-            f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], Wilcoxon p = {d['p_value']:.4g} "
-            f"({results['differences']['correction']['method']} {d['p_adjusted']:.4g})"
-        )
-    floor = results["differences"]["noise_floor"]
-    if floor["runs"]:
-        print(f"  run-to-run (A/A) Dice floor: {floor['per_metric']['Dice']['floor']:.4f} ({', '.join(floor['runs'])})")
-    else:
-        print("  run-to-run (A/A) floor: not measured (the baseline was trained once)")
-    print(f"report: {output / 'report.md'}")
+STATISTICS = {
+    "confidence_level": 0.95,
+    "method": "BCa (percentile if BCa is undefined)",
+    "wilcoxon": "two-sided, zero_method=wilcox",
+    "run_level": "Student's two-sample t-test on the per-run means (scipy.stats.ttest_ind), df = runs - 2; "
+    "smallest detectable difference at 80% power, alpha = 0.05 (statsmodels TTestIndPower)",
+    "run_aware_interval": "percentile interval of a hierarchical bootstrap: in every fold, each arm's runs "
+    "(deviations scaled by sqrt(K/(K-1))) and the fold's cases drawn with replacement, the same cases for "
+    "both arms",
+    "rank_stability": "1000 resamples of runs and cases (as for the run-aware interval), arms ranked by the "
+    "mean per-case foreground Dice",
+}
 
 
 def _run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from nnunet_selfreg.evaluation.comparison_report import build_results, check_output_folder, write_outputs
-    from nnunet_selfreg.evaluation.results import build_table, emptiness, load_comparison
+    from nnunet_selfreg.evaluation.comparison_report import (
+        build_result,
+        check_output_folder,
+        console_summary,
+        write_outputs,
+    )
+    from nnunet_selfreg.evaluation.results import build_table, check_prediction_files, emptiness, load_comparison
     from nnunet_selfreg.evaluation.stats import analyse
 
-    _check_args(args)
-    comparison = load_comparison(args.dataset, args.configuration, args.trainers, args.plans, args.folds)
-    output = Path(args.output).absolute() if args.output else default_output(comparison, args.trainers)
+    arms = _check_args(args)
+    runs = [run for arm in arms for run in arm.runs]
+    comparison = load_comparison(
+        args.dataset, args.configuration, runs, args.plans, args.folds, arms, args.allow_unequal_training
+    )
+    output = Path(args.output).absolute() if args.output else default_output(comparison, [a.name for a in arms])
     check_output_folder(output, args.overwrite)
+    check_prediction_files(comparison, surface=not args.no_surface, instances=args.instances is not None)
     surface, surface_info = surface_metrics(comparison, args)
     table = build_table(comparison, surface)
-    folds = np.array([comparison.case_folds[c] for c in comparison.cases])
-    analysis = analyse(table, folds, comparison.folds, args.n_boot, args.seed, args.correction, args.margin)
-    settings = {
-        "command": command_line(args, output),
-        "surface": surface_info,
-        "statistics": {
-            "n_resamples": args.n_boot,
-            "seed": args.seed,
-            "confidence_level": 0.95,
-            "method": "BCa (percentile if BCa is undefined)",
-            "wilcoxon": "two-sided, zero_method=wilcox",
-            "correction": args.correction,
-            "equivalence_margin": args.margin,
-            "rank_stability": "1000 bootstrap samples of the cases, models ranked by mean foreground Dice",
-        },
+    analysis = analyse(table, comparison.arms, args.n_boot, args.seed, args.correction, args.margin)
+    statistics = {
+        **STATISTICS,
+        "n_resamples": args.n_boot,
+        "seed": args.seed,
+        "correction": args.correction,
+        "equivalence_margin": args.margin,
     }
-    results = build_results(comparison, table, analysis, emptiness(comparison), settings)
-    write_outputs(results, output, args.overwrite)
-    _print_summary(results, output)
+    settings = {"command": command_line(args, output), "surface": surface_info, "statistics": statistics}
+    result = build_result(comparison, analysis, table, emptiness(comparison), settings)
+    write_outputs(result, output, args.overwrite)
+    print("\n".join(console_summary(result, output)))
     return 0
 
 
