@@ -117,11 +117,21 @@ def _setup_section(r: dict) -> list[str]:
     if surface["computed"]:
         lines.append(
             f"- HD95 (95th-percentile Hausdorff distance, mm) and NSD (normalised surface Dice, tolerance "
-            f"{surface['nsd_tolerance_mm']} mm): computed with MONAI {s['versions']['monai']} from the prediction "
+            f"{surface['nsd_tolerance_mm']} mm): MONAI's values (MONAI {s['versions']['monai']}), from the prediction "
             f"and reference files, spacing from nnU-Net's reader `{surface['reader']}`"
         )
+        if "hd95_one_empty" in surface:
+            lines.append(f"- missed or spurious class: {surface['hd95_one_empty']['description']}")
     else:
         lines.append(f"- HD95 and NSD: not computed ({surface['reason']})")
+    cache = surface.get("cache")
+    if cache:
+        lines.append(
+            f"- file metrics: {cache['from_cache']} of {cache['pairs']} (case, model) pairs read from the metric "
+            f"cache `{cache['folder']}`, {cache['computed']} computed"
+            if cache["used"]
+            else f"- file metrics: all {cache['pairs']} (case, model) pairs computed (`--no-cache`)"
+        )
     inst = surface.get("instances")
     if inst:
         lines.append(
@@ -362,8 +372,8 @@ def _exclusion_section(r: dict) -> list[str]:
         "## Excluded (NaN) values",
         "",
         "As in nnU-Net, a label whose reference and prediction are both empty in a case has Dice, IoU, HD95 and "
-        "NSD NaN and is left out of every mean. If only one of them is empty, Dice, IoU and NSD are 0 "
-        "(counted), but HD95 is undefined: NaN, left out of the HD95 means. Counts per model and label:",
+        "NSD NaN and is left out of every mean. If only one of them is empty, Dice, IoU and NSD are 0 and HD95 "
+        "is the image diagonal (a worst-case penalty; see Setup), all counted. Counts per model and label:",
         "",
     ]
     surface = r["setup"]["surface"]["computed"]

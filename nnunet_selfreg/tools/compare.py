@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
@@ -34,9 +36,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from nnunetv2.configuration import default_num_processes
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity (or the machine's count), capped by SLURM's ``--cpus-per-task``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    return max(1, n)
 
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    default_num_processes = available_cpus()
     p = sub.add_parser(
         "compare",
         help="compare trainers fold by fold: Dice/IoU, HD95/NSD, paired differences, report",
@@ -99,7 +112,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="num_processes",
         type=_positive_int,
         default=default_num_processes,
-        help=f"processes for the surface metrics (default: {default_num_processes})",
+        help=f"processes for the surface metrics (default: the CPUs available, {default_num_processes} here)",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute every case's surface/instance metrics; neither read nor write the metric cache "
+        "($nnUNet_results/DATASET/compare_cache)",
     )
     p.set_defaults(func=run)
 
@@ -152,20 +171,36 @@ def command_line(args: argparse.Namespace, output: Path) -> str:
     parts += ["--margin", str(args.margin)] if args.margin is not None else []
     parts += ["--instances", args.instances] if args.instances is not None else []
     parts += ["--no-surface"] if args.no_surface else []
+    parts += ["--no-cache"] if args.no_cache else []
     parts += ["--overwrite"] if args.overwrite else []
     return shlex.join(parts)
 
 
-def _progress(i: int, n: int, case: str) -> None:
-    if sys.stderr.isatty():
-        print(
-            f"\r[compare] surface metrics: case {i}/{n} ({case})\033[K",
-            end="\n" if i == n else "",
-            file=sys.stderr,
-            flush=True,
-        )
-    elif i in (1, n) or i % max(1, n // 20) == 0:
-        print(f"[compare] surface metrics: case {i}/{n} ({case})", file=sys.stderr, flush=True)
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}" if minutes >= 60 else f"{minutes}:{s:02d}"
+
+
+class _Progress:
+    """Per-case progress on stderr with the elapsed time and an ETA; without a terminal, a line per 5 %
+    of the cases or per minute."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, i: int, n: int, case: str) -> None:
+        now = time.monotonic()
+        if i == 0:
+            self.start = self.last = now
+            return
+        elapsed = now - self.start
+        line = f"[compare] surface metrics: case {i}/{n} ({case}), {_clock(elapsed)} elapsed"
+        line += f", ETA {_clock(elapsed / i * (n - i))}" if i < n else ""
+        if sys.stderr.isatty():
+            print(f"\r{line}\033[K", end="\n" if i == n else "", file=sys.stderr, flush=True)
+        elif i in (1, n) or i % max(1, n // 20) == 0 or now - self.last >= 60:
+            self.last = now
+            print(line, file=sys.stderr, flush=True)
 
 
 def _announce(message: str) -> None:
@@ -174,6 +209,7 @@ def _announce(message: str) -> None:
 
 def surface_metrics(comparison: Comparison, args: argparse.Namespace) -> tuple[dict | None, dict]:
     """File-based metrics per case (HD95/NSD and/or instance metrics, or None) and how they were obtained."""
+    from nnunet_selfreg.evaluation.metric_cache import CACHE_FOLDER
     from nnunet_selfreg.evaluation.metrics import comparison_file_metrics
 
     return comparison_file_metrics(
@@ -182,8 +218,9 @@ def surface_metrics(comparison: Comparison, args: argparse.Namespace) -> tuple[d
         surface=not args.no_surface,
         instances=args.instances,
         num_processes=args.num_processes,
-        progress=_progress,
+        progress=_Progress(),
         announce=_announce,
+        cache_folder=None if args.no_cache else comparison.results_folder / CACHE_FOLDER,
     )
 
 
