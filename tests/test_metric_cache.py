@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -186,3 +187,38 @@ def test_compare_with_every_pair_cached_starts_no_worker(results_env: Path, tmp_
     assert run(tmp_path / "three")["setup"]["surface"]["cache"]["computed"] == 12
     cases = json.loads((tmp_path / "three" / "results.json").read_text())["cases"]
     assert np.isfinite(cases[1]["values"][A]["HD95"]["1"])
+
+
+def test_default_processes_follow_affinity_and_slurm(monkeypatch) -> None:
+    from nnunet_selfreg.tools.compare import available_cpus
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    mine = len(os.sched_getaffinity(0))
+    assert available_cpus() == mine
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert available_cpus() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(mine + 5))  # never more than this process may use
+    assert available_cpus() == mine
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
+    assert available_cpus() == mine
+
+
+def test_progress_gives_elapsed_time_and_eta(monkeypatch, capsys) -> None:
+    from nnunet_selfreg.tools import compare as compare_tool
+
+    now = [100.0]
+    monkeypatch.setattr(compare_tool.time, "monotonic", lambda: now[0])
+    progress = compare_tool._Progress()
+    progress(0, 40, "")
+    now[0] += 30
+    progress(1, 40, "case_a")  # 30 s for the first case: 39 more to go
+    now[0] += 90
+    progress(4, 40, "case_d")  # 120 s for 4 cases
+    now[0] += 1080
+    progress(40, 40, "case_z")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "[compare] surface metrics: case 1/40 (case_a), 0:30 elapsed, ETA 19:30",
+        "[compare] surface metrics: case 4/40 (case_d), 2:00 elapsed, ETA 18:00",
+        "[compare] surface metrics: case 40/40 (case_z), 20:00 elapsed",
+    ]

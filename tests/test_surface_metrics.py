@@ -222,7 +222,8 @@ def test_a_missed_class_no_longer_favours_the_model_that_misses() -> None:
 
 
 def test_workers_import_neither_torch_nor_monai(tmp_path: Path) -> None:
-    """A case evaluated in a fresh interpreter (as in a spawned worker) loads no torch, MONAI or nnU-Net evaluation."""
+    """A case evaluated in a fresh interpreter (as a spawned worker does it) loads no torch, MONAI, nnU-Net
+    evaluation code or readers other than the one asked for."""
     seg = np.zeros((2, 20, 30), np.uint8)
     seg[:, 3:13, 3:13] = 1
     write_seg(tmp_path / "ref.nii.gz", seg, (0.5, 2.0, 3.0))
@@ -231,9 +232,11 @@ def test_workers_import_neither_torch_nor_monai(tmp_path: Path) -> None:
         "import json, sys\n"
         "from nnunet_selfreg.evaluation.metrics import SurfaceJob, evaluate_case, _init_worker\n"
         "_init_worker()\n"
-        "job = SurfaceJob('c', sys.argv[1], (('m', sys.argv[2]),), ('1',), 'SimpleITKIO', 1.0, regions=((1,),))\n"
+        "job = SurfaceJob('c', sys.argv[1], (('m', sys.argv[2]),), ('1',), 'SimpleITKIO', 1.0, regions=((1,),),\n"
+        "                 reader_class='nnunetv2.imageio.simpleitk_reader_writer:SimpleITKIO')\n"
         "values = evaluate_case(job)[1]\n"
-        "heavy = [m for m in ('torch', 'monai', 'nnunetv2.evaluation.evaluate_predictions') if m in sys.modules]\n"
+        "heavy = ['torch', 'monai', 'nnunetv2.evaluation.evaluate_predictions', 'skimage', 'imageio']\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
         "print(json.dumps({'values': values, 'heavy': heavy}))\n"
     )
     out = subprocess.run(

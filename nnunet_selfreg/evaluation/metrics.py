@@ -77,6 +77,7 @@ class SurfaceJob:
     surface: bool = True  # HD95 / NSD for every label
     instance_label: str | None = None  # PQ / SQ / RQ / AJI of this label's connected components
     regions: tuple[tuple[int, ...], ...] | None = None  # the labels' values (None: parsed from the keys)
+    reader_class: str | None = None  # 'module:class' of ``reader`` (None: nnU-Net's registry finds it)
 
 
 def label_regions(labels: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -223,10 +224,20 @@ def surface_metrics(
 # --------------------------------------------------------------------------- one case, every model
 
 
-def _reader(name: str):
+def reader_class_path(name: str) -> str:
+    """'module:class' of nnU-Net's reader/writer ``name``: workers import that module alone, not the
+    registry, which imports every reader nnU-Net has (scikit-image and imageio among them)."""
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
-    return recursive_find_reader_writer_by_name(name)()
+    cls = recursive_find_reader_writer_by_name(name)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _reader(job: SurfaceJob):
+    import importlib
+
+    module, name = (job.reader_class or reader_class_path(job.reader)).split(":")
+    return getattr(importlib.import_module(module), name)()
 
 
 def _read(reader, path: str) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -252,7 +263,7 @@ def _instance_values(pred: np.ndarray, ref: np.ndarray, region: tuple[int, ...])
 def evaluate_case(job: SurfaceJob) -> tuple[str, dict[str, dict[str, dict[str, float]]]]:
     """Surface (and instance) metrics of every model's prediction of one case (the reference is read once)."""
     regions = dict(zip(job.labels, job.regions, strict=True)) if job.regions is not None else label_regions(job.labels)
-    reader = _reader(job.reader)
+    reader = _reader(job)
     ref_seg, spacing = _read(reader, job.reference_file)
     ref_boxes = label_boxes(ref_seg, regions) if job.surface else None
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -425,6 +436,7 @@ def comparison_file_metrics(
     lookup = _look_up(comparison, cache, settings, expected, num_processes) if cache is not None else None
     found = lookup.found if lookup is not None else {}
     regions = label_regions(comparison.labels)
+    reader_class = reader_class_path(comparison.reader)
     jobs = []
     for c in comparison.cases:
         todo = [m for m in comparison.models if m.name not in found.get(c, {})]
@@ -440,6 +452,7 @@ def comparison_file_metrics(
                     surface=surface,
                     instance_label=instance_label,
                     regions=tuple(regions[k] for k in comparison.labels),
+                    reader_class=reader_class,
                 )
             )
     n_total = len(comparison.cases) * len(comparison.models)

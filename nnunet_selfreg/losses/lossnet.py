@@ -42,6 +42,8 @@ VGG16_BLOCK_ENDS = (4, 9, 16, 23)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RANDOM_SEED = 0
+#: the trainers' ``lossnet_max_classes``: keeps a 20-class step within 2x of a 3-class one (docs/m2snet.md)
+DEFAULT_MAX_CLASSES = 4
 #: torchvision's ImageNet VGG-16 file (``VGG16_Weights.IMAGENET1K_V1``); its name holds the first 8 hex
 #: digits of its sha256. The full digest and size are those pinned for this file by several public projects
 #: that verify it after download (the size also matches torchvision's recorded ``_file_size`` of 527.796 MiB).

@@ -24,6 +24,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunet_selfreg.losses.lossnet import (
+    DEFAULT_MAX_CLASSES,
     ENV_VGG16_WEIGHTS,
     EPOCH_TERM,
     LossNet,
@@ -68,7 +69,7 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
         self.lossnet_input_size = 224  # VGG-16 input side, as in the paper
         self.lossnet_max_slices = 8  # 3D: slices along the first spatial axis per step
         self.lossnet_include_background = False  # label training: compare foreground classes only
-        self.lossnet_max_classes = 4  # class maps per step (a seeded draw when there are more): our extension
+        self.lossnet_max_classes = DEFAULT_MAX_CLASSES  # 4 class maps per step, a seeded draw: our extension
         self.lossnet_seed = 12345  # seeds the draws of 3D slices and classes (with the fold and the epoch)
         self.use_structure_loss = False  # True: the authors' structure loss instead of nnU-Net's Dice+CE
         self.structure_kernel_size = 31  # boundary window of the structure loss (voxels, every axis)
