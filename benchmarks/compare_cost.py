@@ -396,7 +396,7 @@ def figure(result: dict, path: Path) -> None:
         ("classes", "classes", lambda s: s["classes"]),
         ("cases", "cases", lambda s: s["cases"]),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(19, 3.8))
     for ax, (key, label, x_of) in zip(axes, panels, strict=False):
         rows = grid.get(key, [])
         for version, style in (("before", "o--"), ("after", "s-")):
@@ -407,7 +407,8 @@ def figure(result: dict, path: Path) -> None:
         ax.set_ylabel("compare, CPU s")
         ax.set_xscale("log" if key == "voxels" else "linear")
         ax.set_yscale("log")
-        ax.set_title(f"against {label}", fontsize=9)
+        fixed = {"voxels": "4 cases, 8 classes", "classes": "4 cases, 128³", "cases": "8 classes, 64³"}[key]
+        ax.set_title(f"against {label} ({fixed})", fontsize=9)
         ax.legend(fontsize=8)
     ax = axes[3]
     rows = grid.get("voxels", [])
@@ -418,11 +419,21 @@ def figure(result: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("voxels per image")
     ax.set_ylabel("peak RSS of one process, MiB")
-    ax.set_title("memory against voxels", fontsize=9)
+    ax.set_title("memory against voxels (4 cases, 8 classes)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.suptitle(
-        "nnunet-selfreg compare with HD95/NSD, 2 models, -np 2 (defaults: 4 cases, 8 classes, 128³)", fontsize=10
-    )
+    ax = axes[4]
+    extra = result.get("extrapolated", {})
+    versions = [v for v in ("before", "after") if v in extra]
+    if versions:
+        minutes = [extra[v]["cpu_minutes"] for v in versions]
+        ax.bar(versions, minutes, color=["tab:blue", "tab:orange"][: len(versions)])
+        for i, m in enumerate(minutes):
+            ax.text(i, m, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.axhline(15, color="grey", ls=":", lw=1)
+    ax.set_ylabel("CPU minutes")
+    title = f"{TARGET_CASES} cases, 200x256x256, 20 classes, 3 models\n(extrapolated from measured parts)"
+    ax.set_title(title, fontsize=9)
+    fig.suptitle("nnunet-selfreg compare with HD95/NSD, -np 2 (2 models on the first four panels)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -441,7 +452,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="where the trees go (kept; default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--figure", type=Path, default=None)
+    ap.add_argument("--replot", type=Path, default=None, help="draw --figure from this JSON of an earlier run")
     args = ap.parse_args(argv)
+    if args.replot:
+        result = json.loads(args.replot.read_text())
+        figure(result, args.figure)
+        return result
     work = args.work or Path(tempfile.mkdtemp(prefix="compare_cost_"))
     codes = {"before": args.before, "after": args.after} if args.before else {"after": args.after}
     codes = {k: v.resolve() for k, v in codes.items()}

@@ -435,12 +435,13 @@ def comparison_file_metrics(
     t0 = time.perf_counter()
     lookup = _look_up(comparison, cache, settings, expected, num_processes) if cache is not None else None
     found = lookup.found if lookup is not None else {}
-    regions = label_regions(comparison.labels)
-    reader_class = reader_class_path(comparison.reader)
     jobs = []
     for c in comparison.cases:
         todo = [m for m in comparison.models if m.name not in found.get(c, {})]
         if todo:
+            if not jobs:  # resolved once, and only when something is computed
+                regions = label_regions(comparison.labels)
+                reader_class = reader_class_path(comparison.reader)
             jobs.append(
                 SurfaceJob(
                     case=c,

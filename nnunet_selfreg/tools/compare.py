@@ -23,9 +23,10 @@ or any results folder under $nnUNet_results/DATASET given by its relative path, 
 (a folder with one summary.json for all cases; its cases are assigned to the folds of the other models,
 or of splits_final.json).
 
-Dice and IoU come from nnU-Net's summary.json files; HD95 and normalised surface Dice are computed with
-MONAI from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations. Writes report.md,
-results.json and PNG figures to -o (default $nnUNet_results/DATASET/compare_A_vs_B_..._CONFIG).
+Dice and IoU come from nnU-Net's summary.json files; HD95 and normalised surface Dice (MONAI's values) are
+computed from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations, once per case and model
+(kept in $nnUNet_results/DATASET/compare_cache; --no-cache recomputes). Writes report.md, results.json and
+PNG figures to -o (default $nnUNet_results/DATASET/compare_A_vs_B_..._CONFIG).
 """
 
 
