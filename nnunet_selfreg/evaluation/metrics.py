@@ -374,8 +374,11 @@ def _look_up(
 ) -> _Lookup:
     files = {c: str(reference_file(comparison, c)) for c in comparison.cases}
     files.update({f"{m.name}\0{c}": str(prediction_file(m, c)) for m in comparison.models for c in comparison.cases})
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL: the files are hashed in parallel
-        digests = dict(zip(files, pool.map(file_digest, files.values()), strict=True))
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL: files hashed in parallel
+            digests = dict(zip(files, pool.map(file_digest, files.values()), strict=True))
+    except OSError as e:
+        raise CompareInputError(f"cannot read {e.filename}: {e.strerror}; or use --no-cache") from None
     keys, found = {}, {}
     invalid_before = cache.invalid
     for c in comparison.cases:
