@@ -5,7 +5,7 @@ Layout built here (dataset 42, configuration 2d, folds 0 and 1 with three cases 
 * ``nnUNetTrainer`` (baseline, "A") and ``nnUNetTrainerSelfReg`` ("B"): ``fold_f/validation`` with a
   hand-written summary.json and predictions; B's foreground Dice is A's plus ``DIFFS`` in every case.
 * ``ensembles/ensemble___toy`` ("C", a merged folder): B's numbers, except case_0 where C predicts
-  label 2 although the reference has none (Dice 0, HD95 undefined, NSD 0).
+  label 2 although the reference has none (Dice 0, NSD 0, HD95 the image diagonal: 42.72 mm).
 
 Images are 20 x 30 label maps with spacing 0.5 mm (x, columns) by 2 mm (y, rows). The reference has a
 10 x 10 pixel square per label; A's label-1 square is shifted by 3 columns (1.5 mm), B's is exact.
@@ -23,7 +23,6 @@ import pytest
 import SimpleITK as sitk
 from scipy.stats import norm
 
-from nnunet_selfreg.evaluation.metrics import SurfaceJob, evaluate_case, surface_metrics
 from nnunet_selfreg.evaluation.stats import mean_ranks, nnunet_means, paired_difference
 from nnunet_selfreg.tools.main import main
 
@@ -287,45 +286,6 @@ def test_bootstrap_ci_matches_an_independent_bca() -> None:
     assert_ci_matches_reference(d.ci_low, d.ci_high, SKEWED_BASELINE, SKEWED_BASELINE + SKEWED_DIFFS)
 
 
-# --------------------------------------------------------------------------- surface metrics by hand
-
-
-def test_hd95_nsd_of_shifted_squares_with_anisotropic_spacing() -> None:
-    # shift 3 columns at 0.5 mm: per edge point the distance is 0, 0.5, 1.0 or 1.5 mm; 18 of 36 are 1.5 mm
-    ref, pred = square(0) == 1, square(3) == 1
-    assert surface_metrics(pred, ref, (2.0, 0.5), 1.0) == pytest.approx({"HD95": 1.5, "NSD": 18 / 36})
-    assert surface_metrics(pred, ref, (2.0, 0.5), 1.5) == pytest.approx({"HD95": 1.5, "NSD": 1.0})
-    assert surface_metrics(pred, ref, (1.0, 1.0), 3.0)["HD95"] == pytest.approx(3.0)
-
-
-def test_empty_masks_follow_nnunet_and_monai() -> None:
-    empty, ref = np.zeros((20, 30), bool), square(0) == 1
-    both = surface_metrics(empty, empty, (2.0, 0.5), 1.0)
-    assert math.isnan(both["HD95"]) and math.isnan(both["NSD"])
-    for pred, reference in ((empty, ref), (ref, empty)):
-        one = surface_metrics(pred, reference, (2.0, 0.5), 1.0)
-        assert math.isnan(one["HD95"]) and one["NSD"] == 0
-
-
-def test_evaluate_case_reads_spacing_with_nnunet_reader(tmp_path: Path) -> None:
-    write_seg(tmp_path / "ref.nii.gz", square(0, 2, square(0, 1)))
-    write_seg(tmp_path / "pred.nii.gz", square(0, 2, square(3, 1)))
-    # 3D volume of 2 slices at 3 mm: the same 2D shift in both slices, now with a z axis
-    write_seg(tmp_path / "ref3d.nii.gz", np.stack([square(0)] * 2), (0.5, 2.0, 3.0))
-    write_seg(tmp_path / "pred3d.nii.gz", np.stack([square(3)] * 2), (0.5, 2.0, 3.0))
-    job = SurfaceJob(
-        "x", str(tmp_path / "ref.nii.gz"), (("m", str(tmp_path / "pred.nii.gz")),), ("1", "2"), "SimpleITKIO", 1.0
-    )
-    case, values = evaluate_case(job)
-    assert case == "x"
-    assert values["m"]["HD95"] == pytest.approx({"1": 1.5, "2": 0.0})
-    assert values["m"]["NSD"] == pytest.approx({"1": 0.5, "2": 1.0})
-    job3d = SurfaceJob(
-        "y", str(tmp_path / "ref3d.nii.gz"), (("m", str(tmp_path / "pred3d.nii.gz")),), ("1",), "SimpleITKIO", 1.0
-    )
-    assert evaluate_case(job3d)[1]["m"]["HD95"]["1"] == pytest.approx(1.5)
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -367,10 +327,11 @@ def test_compare_end_to_end(results_env: Path, capsys: pytest.CaptureFixture) ->
 
     assert r["empty_cases"][A]["2"] == {"both_empty": 1, "reference_empty_only": 0, "prediction_empty_only": 0}
     assert r["empty_cases"][C]["2"]["reference_empty_only"] == 1
-    assert r["nan_counts"][A]["HD95"]["2"] == 1 and r["nan_counts"][C]["HD95"]["2"] == 1
+    assert r["nan_counts"][A]["HD95"]["2"] == 1 and r["nan_counts"][C]["HD95"]["2"] == 0
     case0 = r["cases"][0]
     assert case0["case"] == "case_0" and case0["fold"] == 0
-    assert case0["values"][C]["NSD"]["2"] == 0 and case0["values"][C]["HD95"]["2"] is None
+    diagonal = math.hypot(20 * 2.0, 30 * 0.5)  # label 2 only in C's prediction: HD95 = the image diagonal
+    assert case0["values"][C]["NSD"]["2"] == 0 and case0["values"][C]["HD95"]["2"] == pytest.approx(diagonal)
     assert case0["values"][A]["Dice"]["2"] is None
 
     report = (out / "report.md").read_text()

@@ -27,12 +27,13 @@ from nnunet_selfreg.losses.lossnet import (
     LossNet,
     MissingVGG16WeightsError,
     SegLossWithLossNet,
-    draw_slices,
+    draw_indices,
     probability_and_target_maps,
     vgg16_feature_layers,
 )
 from nnunet_selfreg.losses.structure import StructureLoss, box_mean, one_vs_rest_logits, structure_loss
 from nnunet_selfreg.networks.m2snet import FixedFilter, M2SNet, MSNet, PlanOps, SubtractionUnit, build_m2snet
+from nnunet_selfreg.trainers.core import epoch_seed
 from tests.nets import _COMMON_2D, _COMMON_3D, _REQ
 
 TRAINER = "nnUNetTrainerM2SNetTiny"  # tests/ext_trainers: nnUNetTrainerM2SNet with a tiny budget
@@ -330,15 +331,58 @@ def test_lossnet_is_frozen_and_gradient_reaches_prediction(random_lossnet):
 
 def test_lossnet_3d_slices_are_drawn_per_call_from_a_seeded_generator(random_lossnet):
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    draws_a = [draw_slices(10, 3, gen_a).tolist() for _ in range(3)]
-    assert draws_a == [draw_slices(10, 3, gen_b).tolist() for _ in range(3)]  # same seed, same sequence
+    draws_a = [draw_indices(10, 3, gen_a).tolist() for _ in range(3)]
+    assert draws_a == [draw_indices(10, 3, gen_b).tolist() for _ in range(3)]  # same seed, same sequence
     assert all(len(d) == 3 and d == sorted(d) for d in draws_a) and len({tuple(d) for d in draws_a}) > 1
-    assert draw_slices(2, 3, gen_a).tolist() == [0, 1]
+    assert draw_indices(2, 3, gen_a).tolist() == [0, 1]
     logits = torch.randn(1, 2, 10, 12, 12, requires_grad=True)
     prob, gt = probability_and_target_maps(logits, torch.randint(0, 2, (1, 1, 10, 12, 12)), False)
     random_lossnet(prob, gt).backward()
     touched = (logits.grad.abs().sum(dim=(0, 1, 3, 4)) > 0).sum().item()
     assert touched == 3  # only the drawn slices get a gradient
+
+
+def test_lossnet_compares_at_most_max_classes_maps_per_call():
+    ln = LossNet(input_size=32, slice_seed=3, random_init=True, max_classes=2)
+    full = LossNet(input_size=32, random_init=True)  # the same seeded VGG-16, every class
+    g = torch.Generator().manual_seed(0)
+    prob = torch.rand(2, 5, 20, 20, generator=g).requires_grad_()
+    gt = (torch.rand(2, 5, 20, 20, generator=g) > 0.5).float()
+    expected_idx = draw_indices(5, 2, torch.Generator().manual_seed(3))
+    loss = ln(prob, gt)
+    assert loss.item() == pytest.approx(full(prob[:, expected_idx], gt[:, expected_idx]).item(), rel=1e-6)
+    loss.backward()
+    touched = (prob.grad.abs().sum(dim=(0, 2, 3)) > 0).nonzero().flatten()
+    assert touched.tolist() == expected_idx.tolist()  # the same classes for every sample of the batch
+    # the draw restarts with reseed, and moves on otherwise
+    ln.reseed(11)
+    first = [ln.select_classes(5).tolist() for _ in range(4)]
+    ln.reseed(11)
+    assert [ln.select_classes(5).tolist() for _ in range(4)] == first and len({tuple(d) for d in first}) > 1
+    # unbiased: over every pair of classes the mean of the term is the term over all five maps
+    pairs = [torch.tensor(p) for p in ((a, b) for a in range(5) for b in range(a + 1, 5))]
+    mean = sum(full(prob[:, p], gt[:, p]).item() for p in pairs) / len(pairs)
+    assert mean == pytest.approx(full(prob, gt).item(), rel=1e-5)
+    # no more classes than the cap: every map, and the generator is not used (the 3D slice draws stay as they were)
+    capped = LossNet(input_size=32, slice_seed=3, random_init=True, max_classes=5)
+    assert capped(prob, gt).item() == pytest.approx(full(prob, gt).item(), rel=1e-6)
+    assert capped.generator.get_state().equal(torch.Generator().manual_seed(3).get_state())
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="max_classes"):
+            LossNet(input_size=32, random_init=True, max_classes=bad)
+
+
+def test_lossnet_3d_draws_classes_then_slices():
+    ln = LossNet(input_size=32, max_slices=3, slice_seed=5, random_init=True, max_classes=2)
+    logits = torch.randn(1, 5, 10, 12, 12, requires_grad=True)
+    prob = torch.softmax(logits, 1)[:, 1:]
+    gt = (torch.rand(1, 4, 10, 12, 12) > 0.5).float()
+    gen = torch.Generator().manual_seed(5)
+    classes, slices = draw_indices(4, 2, gen), draw_indices(10, 3, gen)
+    loss = ln(prob, gt)
+    full = LossNet(input_size=32, max_slices=10, random_init=True)
+    sub = prob[:, classes][:, :, slices], gt[:, classes][:, :, slices]
+    assert loss.item() == pytest.approx(full(*sub).item(), rel=1e-6)
 
 
 def test_target_maps_for_regions_and_ignore_label():
@@ -596,6 +640,25 @@ def test_random_lossnet_trainer_records_it_in_log_debug_json_and_checkpoint(sing
     entry = ckpt["m2snet_lossnet"]
     assert entry["random_init"] and entry["random_seed"] == 0 and entry["sha256"] is None and entry["weight"] == 0.1
     assert set(ckpt["network_weights"]) == set(t.network.state_dict())
+    t.on_train_end()
+
+
+def test_lossnet_class_cap_and_per_epoch_draws_survive_a_restart(single_process_da, ds2d, no_vgg_env):
+    t = _trainer(single_process_da, ds2d, "nnUNetTrainerM2SNet_RandomLossNet", fold=2, lossnet_input_size=32)
+    t.on_train_start()
+    assert t.lossnet.max_classes == t.lossnet_max_classes == 4
+    assert "at most 4 class maps per step" in open(t.log_file).read()
+
+    def draws(epoch: int) -> list[list[int]]:
+        t.current_epoch = epoch
+        t.on_train_epoch_start()
+        return [t.lossnet.select_classes(20).tolist() for _ in range(3)]
+
+    epoch3 = draws(3)
+    assert draws(4) != epoch3
+    assert draws(3) == epoch3  # what a run resumed at epoch 3 with --c draws
+    gen = torch.Generator().manual_seed(epoch_seed(t.lossnet_seed, 2, 3))
+    assert epoch3 == [draw_indices(20, 4, gen).tolist() for _ in range(3)]
     t.on_train_end()
 
 

@@ -197,11 +197,21 @@ def surface_lines(result: ComparisonResult) -> list[str]:
         why = " (the images carry no spacing: nnU-Net reads them with spacing 1)" if unit == "px" else ""
         lines.append(
             f"- HD95 (95th-percentile Hausdorff distance, {unit}) and NSD (normalised surface Dice, tolerance "
-            f"{surface['nsd_tolerance_mm']} {unit}){why}: computed with MONAI {setup.versions['monai']} from the "
+            f"{surface['nsd_tolerance_mm']} {unit}){why}: MONAI's values (MONAI {setup.versions['monai']}), from the "
             f"prediction and reference files, spacing from nnU-Net's reader `{surface['reader']}`"
         )
+        if "hd95_one_empty" in surface:
+            lines.append(f"- missed or spurious class: {surface['hd95_one_empty']['description']}")
     else:
         lines.append(f"- HD95 and NSD: not computed ({surface['reason']})")
+    cache = surface.get("cache")
+    if cache:
+        lines.append(
+            f"- file metrics: {cache['from_cache']} of {cache['pairs']} (case, run) pairs read from the metric "
+            f"cache `{cache['folder']}`, {cache['computed']} computed"
+            if cache["used"]
+            else f"- file metrics: all {cache['pairs']} (case, run) pairs computed (`--no-cache`)"
+        )
     instances = surface.get("instances")
     if instances:
         lines.append(
@@ -534,8 +544,8 @@ def exclusion_section(result: ComparisonResult) -> list[str]:
         "## Excluded (NaN) values",
         "",
         "As in nnU-Net, a label whose reference and prediction are both empty in a case has Dice, IoU, HD95 and "
-        "NSD NaN and is left out of every mean. If only one of them is empty, Dice, IoU and NSD are 0 "
-        "(counted), but HD95 is undefined: NaN, left out of the HD95 means. Counts per run and label:",
+        "NSD NaN and is left out of every mean. If only one of them is empty, Dice, IoU and NSD are 0 and HD95 "
+        "is the image diagonal (a worst-case penalty; see Setup), all counted. Counts per run and label:",
         "",
     ]
     surface = result.setup.surface["computed"] and "HD95" in result.setup.metrics

@@ -8,7 +8,10 @@ passed through four frozen VGG-16 blocks ``φ_1 … φ_4`` (up to relu1_2, relu2
 
 (the mean squared error over all elements of block ``j``'s feature maps). 3D maps are cut into
 slices along the first spatial axis; at most ``max_slices`` of them, drawn by a seeded generator,
-are used per call. Computed in float32 (autocast off).
+are used per call. With ``max_classes``, at most that many of the ``K`` class maps, drawn by the same
+generator, are compared per call (our extension: the reference is binary, and VGG-16 costs grow
+linearly in ``K``): every map is equally likely to be drawn and all maps have the same size, so the
+expected value of the term is the value over all ``K`` maps. Computed in float32 (autocast off).
 
 Weights: the paper's LossNet is ImageNet VGG-16, i.e. torchvision's ``vgg16-397923af.pth``, read
 from a local path given explicitly or by ``$NNUNET_SELFREG_VGG16_WEIGHTS`` (nothing is downloaded).
@@ -39,6 +42,8 @@ VGG16_BLOCK_ENDS = (4, 9, 16, 23)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RANDOM_SEED = 0
+#: the trainers' ``lossnet_max_classes``: keeps a 20-class step within 2x of a 3-class one (docs/m2snet.md)
+DEFAULT_MAX_CLASSES = 4
 #: torchvision's ImageNet VGG-16 file (``VGG16_Weights.IMAGENET1K_V1``); its name holds the first 8 hex
 #: digits of its sha256. The full digest and size are those pinned for this file by several public projects
 #: that verify it after download (the size also matches torchvision's recorded ``_file_size`` of 527.796 MiB).
@@ -143,11 +148,11 @@ def resolve_vgg16_weights(path: str | os.PathLike | None) -> tuple[str | None, s
     return None, "none given"
 
 
-def draw_slices(depth: int, max_slices: int, generator: torch.Generator) -> Tensor:
-    """All ``depth`` slice indices if ``depth <= max_slices``, else ``max_slices`` distinct ones, sorted."""
-    if depth <= max_slices:
-        return torch.arange(depth)
-    return torch.randperm(depth, generator=generator)[:max_slices].sort().values
+def draw_indices(n: int, at_most: int, generator: torch.Generator) -> Tensor:
+    """All ``n`` indices if ``n <= at_most`` (the generator is not used), else ``at_most`` distinct ones, sorted."""
+    if n <= at_most:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[:at_most].sort().values
 
 
 class LossNet(nn.Module):
@@ -158,7 +163,8 @@ class LossNet(nn.Module):
             Neither: :class:`MissingVGG16WeightsError`, unless ``random_init``.
         input_size: side of the square images fed to VGG-16 (224 as in the paper).
         max_slices: 3D only: slices along the first spatial axis used per call (at most).
-        slice_seed: seed of the generator that draws the 3D slices (one draw per call).
+        slice_seed: seed of the generator that draws the 3D slices and the classes (:meth:`reseed` resets it).
+        max_classes: class (or region) maps compared per call (at most); ``None``: all of them.
         random_init: use a randomly initialised VGG-16 (torchvision's initialisation, seed
             ``random_seed``) and ignore any weights file: explicitly *not* the paper's LossNet.
 
@@ -175,14 +181,18 @@ class LossNet(nn.Module):
         slice_seed: int = 0,
         random_init: bool = False,
         random_seed: int = DEFAULT_RANDOM_SEED,
+        max_classes: int | None = None,
     ) -> None:
         super().__init__()
         if int(input_size) < 16:
             raise ValueError(f"input_size must be >= 16 (VGG-16 pools 3 times before relu4_3), got {input_size}")
         if int(max_slices) < 1:
             raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+        if max_classes is not None and (isinstance(max_classes, bool) or int(max_classes) < 1):
+            raise ValueError(f"max_classes must be >= 1 or None (all classes), got {max_classes!r}")
         self.input_size = int(input_size)
         self.max_slices = int(max_slices)
+        self.max_classes = None if max_classes is None else int(max_classes)
         self.features = vgg16_feature_layers()
         self.weights_path: str | None = None
         self.sha256: str | None = None
@@ -218,7 +228,7 @@ class LossNet(nn.Module):
         self.features.eval()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.slice_generator = torch.Generator().manual_seed(int(slice_seed))
+        self.generator = torch.Generator().manual_seed(int(slice_seed))
 
     def provenance(self) -> dict:
         """Which weights this LossNet uses, for checkpoints and reports."""
@@ -238,9 +248,17 @@ class LossNet(nn.Module):
         self.features.eval()  # frozen: always in evaluation mode
         return self
 
+    def reseed(self, seed: int) -> None:
+        """Restart the draws of slices and classes from ``seed`` (the trainer does it every epoch)."""
+        self.generator.manual_seed(int(seed))
+
     def select_slices(self, depth: int) -> Tensor:
         """Sorted indices of at most ``max_slices`` slices out of ``depth`` (next draw of the generator)."""
-        return draw_slices(depth, self.max_slices, self.slice_generator)
+        return draw_indices(depth, self.max_slices, self.generator)
+
+    def select_classes(self, k: int) -> Tensor:
+        """Sorted indices of at most ``max_classes`` of ``k`` class maps (next draw of the generator)."""
+        return draw_indices(k, k if self.max_classes is None else self.max_classes, self.generator)
 
     def to_images(self, maps: Tensor) -> Tensor:
         """(M, H, W) maps -> (M, 3, s, s) ImageNet-normalised images, ``s = input_size``."""
@@ -266,6 +284,9 @@ class LossNet(nn.Module):
             )
         with torch.autocast(device_type=pred.device.type, enabled=False):
             pred, target = pred.float(), target.detach().float()
+            if self.max_classes is not None and pred.shape[1] > self.max_classes:
+                idx = self.select_classes(pred.shape[1]).to(pred.device)
+                pred, target = pred.index_select(1, idx), target.index_select(1, idx)
             if pred.ndim == 5:
                 idx = self.select_slices(pred.shape[2]).to(pred.device)
                 pred, target = pred.index_select(2, idx), target.index_select(2, idx)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,9 +32,10 @@ NAME=RUN,RUN,... makes an arm of any runs. With two or more runs in each arm, ev
 run-level test, a run-aware interval, the run-to-run SD and the smallest difference the design detects.
 With one run per arm, the p-values compare trained models and cannot support a claim about a method.
 
-Dice and IoU come from nnU-Net's summary.json files; HD95 and normalised surface Dice are computed with
-MONAI from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations. Writes report.md,
-results.json and PNG figures to -o (default $nnUNet_results/DATASET/compare_A_vs_B_..._CONFIG).
+Dice and IoU come from nnU-Net's summary.json files; HD95 and normalised surface Dice (MONAI's values) are
+computed from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations, once per case and model
+(kept in $nnUNet_results/DATASET/compare_cache; --no-cache recomputes). Writes report.md, results.json and
+PNG figures to -o (default $nnUNet_results/DATASET/compare_A_vs_B_..._CONFIG).
 """
 
 
@@ -43,9 +46,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from nnunetv2.configuration import default_num_processes
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity (or the machine's count), capped by SLURM's ``--cpus-per-task``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    return max(1, n)
 
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    default_num_processes = available_cpus()
     p = sub.add_parser(
         "compare",
         help="compare trainers fold by fold: Dice/IoU, HD95/NSD, paired differences, report",
@@ -115,7 +129,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="num_processes",
         type=_positive_int,
         default=default_num_processes,
-        help=f"processes for the surface metrics (default: {default_num_processes})",
+        help=f"processes for the surface metrics (default: the CPUs available, {default_num_processes} here)",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute every case's surface/instance metrics; neither read nor write the metric cache "
+        "($nnUNet_results/DATASET/compare_cache)",
     )
     p.set_defaults(func=run)
 
@@ -177,20 +197,36 @@ def command_line(args: argparse.Namespace, output: Path) -> str:
     parts += ["--instances", args.instances] if args.instances is not None else []
     parts += ["--no-surface"] if args.no_surface else []
     parts += ["--allow-unequal-training"] if args.allow_unequal_training else []
+    parts += ["--no-cache"] if args.no_cache else []
     parts += ["--overwrite"] if args.overwrite else []
     return shlex.join(parts)
 
 
-def _progress(i: int, n: int, case: str) -> None:
-    if sys.stderr.isatty():
-        print(
-            f"\r[compare] surface metrics: case {i}/{n} ({case})\033[K",
-            end="\n" if i == n else "",
-            file=sys.stderr,
-            flush=True,
-        )
-    elif i in (1, n) or i % max(1, n // 20) == 0:
-        print(f"[compare] surface metrics: case {i}/{n} ({case})", file=sys.stderr, flush=True)
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}" if minutes >= 60 else f"{minutes}:{s:02d}"
+
+
+class _Progress:
+    """Per-case progress on stderr with the elapsed time and an ETA; without a terminal, a line per 5 %
+    of the cases or per minute."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, i: int, n: int, case: str) -> None:
+        now = time.monotonic()
+        if i == 0:
+            self.start = self.last = now
+            return
+        elapsed = now - self.start
+        line = f"[compare] surface metrics: case {i}/{n} ({case}), {_clock(elapsed)} elapsed"
+        line += f", ETA {_clock(elapsed / i * (n - i))}" if i < n else ""
+        if sys.stderr.isatty():
+            print(f"\r{line}\033[K", end="\n" if i == n else "", file=sys.stderr, flush=True)
+        elif i in (1, n) or i % max(1, n // 20) == 0 or now - self.last >= 60:
+            self.last = now
+            print(line, file=sys.stderr, flush=True)
 
 
 def _announce(message: str) -> None:
@@ -199,6 +235,7 @@ def _announce(message: str) -> None:
 
 def surface_metrics(comparison: Comparison, args: argparse.Namespace) -> tuple[dict | None, dict]:
     """File-based metrics per case (HD95/NSD and/or instance metrics, or None) and how they were obtained."""
+    from nnunet_selfreg.evaluation.metric_cache import CACHE_FOLDER
     from nnunet_selfreg.evaluation.metrics import comparison_file_metrics
 
     return comparison_file_metrics(
@@ -207,8 +244,9 @@ def surface_metrics(comparison: Comparison, args: argparse.Namespace) -> tuple[d
         surface=not args.no_surface,
         instances=args.instances,
         num_processes=args.num_processes,
-        progress=_progress,
+        progress=_Progress(),
         announce=_announce,
+        cache_folder=None if args.no_cache else comparison.results_folder / CACHE_FOLDER,
     )
 
 

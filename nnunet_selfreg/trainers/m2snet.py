@@ -25,6 +25,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunet_selfreg.losses.lossnet import (
+    DEFAULT_MAX_CLASSES,
     ENV_VGG16_WEIGHTS,
     EPOCH_TERM,
     LossNet,
@@ -36,7 +37,7 @@ from nnunet_selfreg.losses.lossnet import (
 from nnunet_selfreg.losses.structure import StructureLoss
 from nnunet_selfreg.networks.m2snet import build_m2snet
 from nnunet_selfreg.outputs import write_file_atomically
-from nnunet_selfreg.trainers.core import log_epoch_means, register_trainer, validate_weight
+from nnunet_selfreg.trainers.core import epoch_seed, log_epoch_means, register_trainer, validate_weight
 from nnunet_selfreg.trainers.progress import install_extended_logger
 
 LOG_KEY = "m2snet_lossnet"
@@ -69,7 +70,8 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
         self.lossnet_input_size = 224  # VGG-16 input side, as in the paper
         self.lossnet_max_slices = 8  # 3D: slices along the first spatial axis per step
         self.lossnet_include_background = False  # label training: compare foreground classes only
-        self.lossnet_seed = 12345  # seeds the 3D slice draw (with the fold)
+        self.lossnet_max_classes = DEFAULT_MAX_CLASSES  # 4 class maps per step, a seeded draw: our extension
+        self.lossnet_seed = 12345  # seeds the draws of 3D slices and classes (with the fold and the epoch)
         self.use_structure_loss = False  # True: the authors' structure loss instead of nnU-Net's Dice+CE
         self.structure_kernel_size = 31  # boundary window of the structure loss (voxels, every axis)
         self.structure_boundary_weight = 5.0  # w = 1 + 5 |box(g) - g|
@@ -156,6 +158,7 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
                 slice_seed=int(self.lossnet_seed) + fold,
                 random_init=self.lossnet_random_init,
                 random_seed=self.lossnet_random_seed,
+                max_classes=self.lossnet_max_classes,
             ).to(self.device)
         except MissingVGG16WeightsError:
             if self._lossnet_check_deferred:
@@ -181,7 +184,8 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
         self.print_to_log_file(
             f"LossNet: weight {self.lossnet_weight}, {self.lossnet.source}, input "
             f"{self.lossnet.input_size}x{self.lossnet.input_size}"
-            + (f", at most {self.lossnet.max_slices} slices per step" if is_3d else ""),
+            + (f", at most {self.lossnet.max_slices} slices per step" if is_3d else "")
+            + (f", at most {self.lossnet.max_classes} class maps per step" if self.lossnet.max_classes else ""),
             also_print_to_console=True,
         )
         if self.lossnet_is_random:
@@ -240,6 +244,8 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self.loss.train()
+        if self.lossnet is not None:  # per-epoch seed: a run resumed with --c draws the same slices and classes
+            self.lossnet.reseed(epoch_seed(int(self.lossnet_seed), self.fold, int(self.current_epoch)))
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
