@@ -51,7 +51,8 @@ SURFACE_METRICS = ("HD95", "NSD")
 HD95_ONE_EMPTY = "image_diagonal"
 HD95_ONE_EMPTY_TEXT = (
     "a label present in exactly one of prediction and reference (a missed class, or a class predicted where "
-    "the reference has none) has NSD 0 and HD95 = the image diagonal in mm, sqrt(sum((size_i * spacing_i)^2)), "
+    "the reference has none) has NSD 0 and HD95 = the image diagonal in the spacing's unit (mm; px for images "
+    "without spacing), sqrt(sum((size_i * spacing_i)^2)), "
     "a worst-case value larger than any HD95 of two non-empty masks in that image; both empty: NaN"
 )
 #: changes whenever a metric's value for the same files and settings can change (part of every cache key)
