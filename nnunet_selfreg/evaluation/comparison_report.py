@@ -207,10 +207,10 @@ def surface_lines(result: ComparisonResult) -> list[str]:
     cache = surface.get("cache")
     if cache:
         lines.append(
-            f"- file metrics: {cache['from_cache']} of {cache['pairs']} (case, run) pairs read from the metric "
+            f"- file metrics: {cache['from_cache']} of {cache['pairs']} (case, model) pairs read from the metric "
             f"cache `{cache['folder']}`, {cache['computed']} computed"
             if cache["used"]
-            else f"- file metrics: all {cache['pairs']} (case, run) pairs computed (`--no-cache`)"
+            else f"- file metrics: all {cache['pairs']} (case, model) pairs computed (`--no-cache`)"
         )
     instances = surface.get("instances")
     if instances:
