@@ -30,6 +30,8 @@ DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 DEFAULT_EPOCHS = 4
 DEFAULT_ITERATIONS = 30
 DEFAULT_VAL_ITERATIONS = 5
+#: training runs per arm: two, so that compare can weigh a method difference against run-to-run noise
+DEFAULT_REPEATS = 2
 #: configuration and default budget (epochs, iterations, validation iterations) per --dataset; inia19's budget is
 #: sized from measured CPU time to about 20 minutes for 5 folds x 2 trainers on an idle 2-core CPU (docs/inia19.md)
 CONFIGURATIONS = {"dsb2018": "2d", "inia19": "3d_fullres"}
@@ -66,13 +68,19 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def setup_folders(workdir: Path) -> Folders:
-    """Use the user's nnU-Net folders if all three are set, else create them under ``workdir``."""
-    if all(os.environ.get(v) for v in NNUNET_VARS):
-        folders = Folders(*(Path(os.environ[v]) for v in NNUNET_VARS), from_environment=True)
-    elif any(os.environ.get(v) for v in NNUNET_VARS):
+def setup_folders(workdir: Path, use_environment: bool = False) -> Folders:
+    """nnU-Net's three folders under ``workdir`` (default), or the user's own with ``use_environment``.
+
+    The demo builds a dataset, preprocesses it and trains into these folders: by default they are kept
+    apart from a user's own nnU-Net folders even when ``nnUNet_raw`` etc. are set.
+    """
+    if use_environment:
         missing = [v for v in NNUNET_VARS if not os.environ.get(v)]
-        raise UserError(f"set all of {', '.join(NNUNET_VARS)} or none of them (missing: {', '.join(missing)})")
+        if missing:
+            raise UserError(
+                f"--use-my-nnunet-folders needs {', '.join(NNUNET_VARS)} set (missing: {', '.join(missing)})"
+            )
+        folders = Folders(*(Path(os.environ[v]) for v in NNUNET_VARS), from_environment=True)
     else:
         folders = Folders(workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed", workdir / "nnUNet_results", False)
     for p in (workdir, folders.raw, folders.preprocessed, folders.results):
@@ -84,6 +92,21 @@ def setup_folders(workdir: Path) -> Folders:
         except OSError as e:
             raise UserError(f"cannot write to {p} ({e.strerror}): choose another --workdir") from None
     return folders
+
+
+def announce_folders(workdir: Path, folders: Folders) -> None:
+    """Say where everything will be written, before anything is."""
+    if folders.from_environment:
+        where = "YOUR nnU-Net folders (--use-my-nnunet-folders): a new dataset id there, nothing of yours replaced"
+    else:
+        where = f"nnU-Net folders under {workdir}"
+        if any(os.environ.get(v) for v in NNUNET_VARS):
+            where += " (your own nnU-Net folders are left alone; --use-my-nnunet-folders would use them)"
+    _say(f"writing to {where}:")
+    for name, path in (("raw", folders.raw), ("preprocessed", folders.preprocessed), ("results", folders.results)):
+        _say(f"  {name:<12} {path}")
+    _say(f"  {'logs':<12} {workdir / 'logs'}")
+    _say(f"  {'report':<12} {workdir}/report*")
 
 
 def _is_demo_dataset(folder: Path, dataset: str = "dsb2018") -> bool:
@@ -233,14 +256,14 @@ class _DemoReporter:
 
     def job_started(self, job, index: int, total: int, continuing: bool) -> None:
         eta = ""
-        if self.trained:
+        if self.trained:  # wall time per ended training so far, over what is left (workers included)
             eta = f" (about {(time.time() - self.started) / self.trained * (total - index + 1) / 60:.0f} min left)"
         what = f"training {self.budget[0]} epochs x {self.budget[1]} iterations on {self.device}"
         _say(f"[{index}/{total}] {job.trainer} fold {job.fold}: {what}{eta}")
 
     def job_line(self, job, text: str) -> None:
         if text.startswith(self.SHOW):
-            print(f"    {text}", flush=True)
+            print(f"    {job.trainer} fold {job.fold}: {text}", flush=True)
 
     def job_ended(self, job, state: str, log: Path) -> None:
         self.trained += 1
@@ -256,8 +279,10 @@ def train_all(
     env: dict[str, str],
     logs: Path,
     configuration: str = "2d",
+    repeats: int = 1,
+    workers: int = 1,
 ) -> None:
-    """Every (trainer, fold) through the sweep machinery (one local worker, manifest in sweeps/demo).
+    """Every (trainer, fold, run) through the sweep machinery (``workers`` local workers, manifest in sweeps/demo).
 
     Folds trained with this budget are reused, interrupted ones continued (``--c``), results of another
     budget refused; a failed training is reported with its log's last lines after the others ran.
@@ -265,12 +290,12 @@ def train_all(
     from nnunet_selfreg.sweep import GridSpec, LocalExecutor, RunOptions, launch
     from nnunet_selfreg.sweep.state import log_tail
 
-    spec = GridSpec(dataset.name, (configuration,), tuple(trainers), tuple(str(f) for f in folds))
+    spec = GridSpec(dataset.name, (configuration,), tuple(trainers), tuple(str(f) for f in folds), repeats=repeats)
     saved = dict(os.environ)
     os.environ.update(env)  # the grid is checked in this process, against these nnU-Net folders and budget
     try:
         executor = LocalExecutor(
-            1, device, log_path=lambda job: logs / f"train_{job.trainer}_fold{job.fold}.log", environ=env
+            workers, device, log_path=lambda job: logs / f"train_{job.trainer}_fold{job.fold}.log", environ=env
         )
         result = launch(
             spec,
@@ -311,25 +336,22 @@ def _device(requested: str) -> str:
     return "cpu"
 
 
-def with_repeats(trainers: list[str], repeats: int) -> list[str]:
-    """``trainers`` with the baseline's repeated runs (``X_Rep2_Budget`` …) right after the baseline."""
-    if repeats == 1:
-        return trainers
-    from nnunet_selfreg import trainers as ours
-    from nnunet_selfreg.trainers.variants import MAX_REPEATS, repeat_suffix
+def default_workers(device: str) -> int:
+    """Trainings at a time: one on a GPU; on a CPU two (each with half the cores) where there are two cores."""
+    if device != "cpu":
+        return 1
+    return min(2, len(os.sched_getaffinity(0)))
 
-    if not 1 <= repeats <= MAX_REPEATS:
-        raise UserError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
-    base = trainers[0]
-    stem = base.removesuffix("_Budget")
-    names = [f"{stem}{repeat_suffix(k)}_Budget" for k in range(2, repeats + 1)]
-    missing = [n for n in names if not hasattr(ours, n)]
-    if missing:
-        raise UserError(
-            f"--repeats {repeats}: the baseline {base} has no repeat variants ({', '.join(missing)}); use "
-            "nnUNetTrainer_Budget or nnUNetTrainerSelfReg_Budget as the baseline"
-        )
-    return [base, *names, *trainers[1:]]
+
+def runs_of(trainers: list[str], repeats: int) -> list[str]:
+    """Every run of every arm, in ``compare``'s order: ``X``, ``X_Rep2`` … ``X_Rep{repeats}`` per trainer.
+
+    Run ``k`` of ``X`` trains as ``X_Rep{k}`` (the sweep's name, answered by nnU-Net's lookup on demand);
+    ``compare`` reads the runs of one trainer as one arm.
+    """
+    from nnunet_selfreg.sweep.grid import run_name
+
+    return [run_name(t, k) for t in trainers for k in range(1, repeats + 1)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -338,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     configuration = CONFIGURATIONS[args.dataset]
     given = (args.epochs, args.iterations, args.val_iterations)
     budget = tuple(d if g is None else g for g, d in zip(given, DEFAULT_BUDGETS[args.dataset], strict=True))
-    trainers = with_repeats(list(args.trainers), args.repeats)
+    trainers = list(args.trainers)
     if len(trainers) < 2:
         raise UserError("--trainers needs at least two trainers: the first is the baseline")
     fixed = [t for t in trainers if not t.endswith("_Budget")]
@@ -349,16 +371,20 @@ def run(args: argparse.Namespace) -> int:
             "on your own runs)"
         )
     device = _device(args.device)
-    folders = setup_folders(workdir)
+    workers = args.workers or default_workers(device)
+    folders = setup_folders(workdir, args.use_my_nnunet_folders)
+    announce_folders(workdir, folders)
+    n_trainings = len(args.folds) * len(trainers) * args.repeats
     _say(
-        f"work folder {workdir}; nnU-Net folders "
-        + ("from your environment" if folders.from_environment else f"under {workdir}")
+        f"plan: {args.dataset} ({configuration}), {len(trainers)} arms ({', '.join(trainers)}) x "
+        f"{args.repeats} run(s) x {len(args.folds)} fold(s) = {n_trainings} trainings of "
+        f"{budget[0]} epochs x {budget[1]} iterations, {workers} at a time, device {device}"
     )
-    _say(
-        f"plan: {args.dataset} ({configuration}), {len(args.folds)} fold(s) x {len(trainers)} trainers "
-        f"({', '.join(trainers)}), "
-        f"{budget[0]} epochs x {budget[1]} iterations each, device {device}"
-    )
+    if args.repeats == 1:
+        _say(
+            "one run per arm: the report can compare these trained models, but cannot tell a method's effect "
+            "from training noise (two runs of one command differ as much); --repeats 2 or more for that"
+        )
     cache = Path(args.cache) if args.cache else None
     if cache is None:
         from nnunet_selfreg.data.dsb2018 import default_cache_dir
@@ -369,7 +395,9 @@ def run(args: argparse.Namespace) -> int:
     logs = workdir / "logs"
     env = _env(folders, budget)
     preprocess(dataset, folders, env, logs, configuration)
-    train_all(dataset, folders, trainers, list(args.folds), device, budget, env, logs, configuration)
+    train_all(
+        dataset, folders, trainers, list(args.folds), device, budget, env, logs, configuration, args.repeats, workers
+    )
 
     report = _free_report_dir(workdir)
     _say(f"comparing with nnunet-selfreg compare -> {report}")
@@ -385,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
             "-c",
             configuration,
             "-tr",
-            *trainers,
+            *runs_of(trainers, args.repeats),
             "-f",
             *map(str, args.folds),
             "-o",
@@ -450,9 +478,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repeats",
         type=_positive_int,
-        default=1,
-        help="train the baseline this many times (separate result folders, e.g. nnUNetTrainer_Rep2_Budget): "
-        "compare then reports the run-to-run (A/A) noise floor beside every method difference (default: 1)",
+        default=DEFAULT_REPEATS,
+        help="training runs per arm (run k of X trains as X_Rep<k>): with 2 or more, compare tests each method "
+        "difference against the run-to-run noise and says which differences this design can detect; with 1, "
+        f"no claim about a method is possible (default: {DEFAULT_REPEATS})",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="trainings at a time (default: 2 on a CPU with 2 or more cores, each with half of them; 1 on a GPU)",
+    )
+    p.add_argument(
+        "--use-my-nnunet-folders",
+        action="store_true",
+        help="build, preprocess and train in the folders of nnUNet_raw/_preprocessed/_results (default: new ones "
+        "under --workdir, even when those are set)",
     )
     p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: first free >= 950)")
     p.add_argument(
