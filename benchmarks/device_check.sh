@@ -276,7 +276,7 @@ for config in ("3d_fullres", "2d"):
     for v in r.get("variants", []):
         if v in wall:
             s = wall[v]
-            rows[v] = {"trainer": r["trainers"].get(v, v), "median_step_s": s["median_s"], "iqr_s": s["iqr_s"],
+            rows[v] = {"trainer": v, "median_step_s": s["median_s"], "iqr_s": s["iqr_s"],
                        "paired_ratio": s["paired_ratio_median"], "ratio_of_medians": s["ratio_of_medians"],
                        "steps": s["n"]}
             if v in mem:
@@ -285,7 +285,7 @@ for config in ("3d_fullres", "2d"):
             if not all(finite(x) for k, x in rows[v].items() if k != "trainer"):
                 problems.append(f"step_cost {config} {v}: non-finite numbers")
         else:
-            rows[v] = {"trainer": r["trainers"].get(v, v), "error": r.get("errors", {}).get(v, "not measured")}
+            rows[v] = {"trainer": v, "error": r.get("errors", {}).get(v, "not measured")}
             problems.append(f"step_cost {config} {v}: {rows[v]['error'][:200]}")
     step_cost[config] = {"device": r.get("device"), "plans": r.get("plans"), "batch_size": r.get("batch_size"),
                          "amp": r.get("amp"), "compile": r.get("compile"), "rounds": r.get("rounds"),

@@ -13,9 +13,10 @@ another method's trainer:
   request ``_Rep2`` / ``_Rep3``), which is where nnU-Net finds them (docs/discovery.md; other variant
   names of any trainer are answered on demand by :mod:`nnunet_selfreg.trainers.on_demand`); a trainer
   module in a user's ``nnUNet_extTrainer`` folder ends with ``__all__ = define_trainers(globals())``;
-- :meth:`attach_feature_taps`, by convention: a trainer whose loss reads forward hooks attaches them
-  there (``on_train_start`` calls it before the first forward, so a ``torch.compile``-d network traces
-  them); tools that drive ``train_step`` directly (``benchmarks/step_cost.py``) call it too.
+- :meth:`attach_feature_taps` and :meth:`detach_feature_taps`, by convention: a trainer whose loss reads
+  forward hooks attaches them in the first (``on_train_start`` calls it before the first forward, so a
+  ``torch.compile``-d network traces them) and removes them in the second (``on_train_end``); tools that
+  drive ``train_step`` directly (``benchmarks/step_cost.py``) call the functions of the same names.
 
 docs/extending.md walks through a new method written on this module.
 """
@@ -40,6 +41,7 @@ __all__ = [
     "Registration",
     "attach_feature_taps",
     "define_trainers",
+    "detach_feature_taps",
     "epoch_seed",
     "format_means",
     "install_extended_logger",
@@ -78,6 +80,17 @@ def attach_feature_taps(trainer) -> None:
         attach()
 
 
+def detach_feature_taps(trainer) -> None:
+    """Remove the trainer's forward hooks, if it has any (its ``detach_feature_taps`` method)."""
+    detach: Callable[[], None] | None = getattr(trainer, "detach_feature_taps", None)
+    if detach is not None:
+        detach()
+
+
+#: ``timed`` of a registration: time it in ``benchmarks/step_cost.py`` by default, or with ``--variants all``
+TIMED = ("default", "all")
+
+
 @dataclass(frozen=True)
 class Registration:
     """A trainer class and the variant families ``nnunet_selfreg.trainers`` defines for it."""
@@ -87,6 +100,7 @@ class Registration:
     budget: bool  # ``_Budget``: epochs and iterations from the environment (also for the repeats)
     repeats: bool  # ``_Rep2`` / ``_Rep3``: the same trainer under another name (run-to-run noise)
     export: bool  # the class itself under its own name (False for nnU-Net's stock trainer)
+    timed: str | None = None  # its step cost is measured: "default", "all" (see TIMED); None: when named
 
 
 _PACKAGE = __name__.rpartition(".")[0]  # nnunet_selfreg.trainers
@@ -101,6 +115,7 @@ def register_trainer(
     budget: bool = True,
     repeats: bool = False,
     export: bool = True,
+    timed: str | None = None,
 ) -> T | Callable[[T], T]:
     """Class decorator: make ``cls`` and its variants trainers that nnU-Net finds by name.
 
@@ -109,8 +124,12 @@ def register_trainer(
     its variants in a module (``nnunet_selfreg.trainers`` for the package's own trainer modules, the
     trainer module itself for one in a user's ``nnUNet_extTrainer`` folder). Two different classes
     under one name raise (nnU-Net picks trainers by name); the same module imported again (nnU-Net
-    re-imports ``nnUNet_extTrainer`` modules) replaces its earlier registration.
+    re-imports ``nnUNet_extTrainer`` modules) replaces its earlier registration. ``timed`` says which
+    trainers ``benchmarks/step_cost.py`` times: ``"default"`` in every run, ``"all"`` with ``--variants
+    all`` (one trainer per cost: an ablation that only changes a weight would time the same step again).
     """
+    if timed not in (None, *TIMED):
+        raise ValueError(f"timed must be None or one of {TIMED}, got {timed!r}")
 
     def decorate(c: T) -> T:
         known = _REGISTRY.get(c.__name__)
@@ -119,7 +138,7 @@ def register_trainer(
                 f"two trainers are registered as {c.__name__} ({known.cls.__module__} and {c.__module__}); "
                 "nnU-Net selects trainers by class name: rename one"
             )
-        _REGISTRY[c.__name__] = Registration(c, epochs, budget, repeats, export)
+        _REGISTRY[c.__name__] = Registration(c, epochs, budget, repeats, export, timed)
         _DEFINED.discard(c.__name__)
         return c
 

@@ -278,7 +278,7 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
         write_file_atomically(filename, lambda tmp: torch.save(checkpoint, tmp))
 
 
-@register_trainer
+@register_trainer(timed="all")
 class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
     """Ablation: the M2SNet architecture with nnU-Net's loss only."""
 
@@ -294,7 +294,8 @@ class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
         self.lossnet_weight = 0.0
 
 
-@register_trainer
+# timed in M2SNet's place: the same VGG-16 layers and input size as the ImageNet LossNet, no weights file
+@register_trainer(timed="all")
 class nnUNetTrainerM2SNet_RandomLossNet(nnUNetTrainerM2SNet):
     """M2SNet whose LossNet is a frozen, randomly initialised VGG-16 (seeded): explicitly not the paper's."""
 

@@ -160,7 +160,7 @@ class nnUNetTrainer_LabeledOnly(nnUNetTrainer):
         return tr_lab, val
 
 
-@register_trainer
+@register_trainer(timed="all")
 class nnUNetTrainerSSNet(nnUNetTrainer):
     """SS-Net (Wu et al., MICCAI 2022) with nnU-Net's network, loss, data and schedule.
 
@@ -353,9 +353,12 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         stage, _ = finest_decoder_stage(self.network)
         self.ssnet_tap.attach(stage)  # before the first forward (torch.compile traces the hook)
 
+    def detach_feature_taps(self) -> None:
+        self.ssnet_tap.detach()
+
     def on_train_end(self):
         super().on_train_end()
-        self.ssnet_tap.detach()
+        self.detach_feature_taps()
 
     def on_train_epoch_start(self):
         self._ssnet_generator.manual_seed(epoch_seed(int(self.ssnet_seed), self.fold, int(self.current_epoch)))
