@@ -28,6 +28,7 @@ __all__ = [
     "is_fold_folder_name",
     "model_folder_name",
     "parse_dataset_folder_name",
+    "parse_fold",
     "parse_model_folder_name",
     "require_env_folder",
     "resolve_dataset",
@@ -139,6 +140,19 @@ def fold_folder(model_folder: Path, fold: int | str) -> Path:
 def fold_folders(model_folder: Path) -> list[Path]:
     """The ``fold_X`` folders of a model folder (``X`` a number or ``all``), sorted by name."""
     return sorted(p for p in Path(model_folder).iterdir() if p.is_dir() and _FOLD_FOLDER.match(p.name))
+
+
+def parse_fold(text: str) -> int | str:
+    """A fold as nnU-Net names it: a number >= 0 or ``all``; ValueError saying so otherwise."""
+    if text == "all":
+        return "all"
+    try:
+        fold = int(text)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise ValueError(f"fold {text!r} is neither a number nor 'all' (nnU-Net's folds are 0, 1, ... and all)")
+    return fold
 
 
 def is_fold_folder_name(name: str) -> bool:

@@ -117,13 +117,6 @@ def input_spec(folder: Path) -> tuple[str, list[str]]:
         raise AnalyzeInputError(f"{folder}/dataset.json lacks a valid file_ending or channel_names ({e})") from None
 
 
-def parse_fold(text: str) -> str:
-    """``0``, ``1`` ... or ``all`` (nnU-Net's fold names)."""
-    if text == "all" or (text.isdigit() and int(text) >= 0):
-        return str(int(text)) if text != "all" else "all"
-    raise ValueError(f"a fold is a number >= 0 or 'all', got {text!r}")
-
-
 def check_model_folder(folder: Path, fold: str, checkpoint: str) -> Path:
     """The checkpoint file of a trained model folder, or a clear :class:`AnalyzeInputError`."""
     layout = MODEL_FOLDER_LAYOUT

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
-from nnunet_selfreg.nnunet_folders import model_folder_name, require_env_folder, resolve_dataset
+from nnunet_selfreg.nnunet_folders import model_folder_name, parse_fold, require_env_folder, resolve_dataset
 
 __all__ = ["Grid", "GridSpec", "Job", "check_trainer_names", "plan_grid", "run_name"]
 
@@ -115,15 +115,10 @@ class Grid:
 
 
 def _parse_fold(text: str) -> int | str:
-    if text == "all":
-        return "all"
     try:
-        fold = int(text)
-    except ValueError:
-        raise UserError(f"fold {text!r} is neither a number nor 'all'") from None
-    if fold < 0:
-        raise UserError(f"fold {fold} is negative")
-    return fold
+        return parse_fold(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _load_plans(preprocessed: Path, dataset: str, plans: str) -> dict:

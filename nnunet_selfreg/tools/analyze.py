@@ -9,8 +9,9 @@ import shlex
 import time
 from pathlib import Path
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
-from nnunet_selfreg.nnunet_folders import parse_model_folder_name
+from nnunet_selfreg.nnunet_folders import parse_fold, parse_model_folder_name
 
 DESCRIPTION = """\
 Load trained nnU-Net model folders (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG, any trainer whose
@@ -26,18 +27,9 @@ Writes report.md, results.json and PNG figures to -o (default ./analysis_DATASET
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _fold(text: str) -> str:
-    from nnunet_selfreg.analysis.extract import parse_fold
-
     try:
-        return parse_fold(text)
+        return str(parse_fold(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -55,9 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", dest="output", default=None, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--num-cases", type=_positive_int, default=5, metavar="N", help="first N cases of CASES (default: 5)"
-    )
+    p.add_argument("--num-cases", type=positive_int, default=5, metavar="N", help="first N cases of CASES (default: 5)")
     p.add_argument("--cam-class", default=None, help="class for Grad-CAM: name or label value (default: first)")
     p.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM (saves memory on large 3D patches)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.evaluation.results import DEFAULT_FOLDS, CompareInputError, Comparison
 
@@ -37,13 +38,6 @@ computed from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations,
 (kept in $nnUNet_results/DATASET/compare_cache; --no-cache recomputes). Writes report.md, results.json and
 PNG figures to -o (default $nnUNet_results/DATASET/compare_A_vs_B_..._CONFIG).
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def available_cpus() -> int:
@@ -89,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", dest="output", default=None, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--n-boot", type=_positive_int, default=9999, help="bootstrap resamples (default: 9999)")
+    p.add_argument("--n-boot", type=positive_int, default=9999, help="bootstrap resamples (default: 9999)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default: 0)")
     p.add_argument(
         "--nsd-tolerance",
@@ -127,7 +121,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-np",
         dest="num_processes",
-        type=_positive_int,
+        type=positive_int,
         default=default_num_processes,
         help=f"processes for the surface metrics (default: the CPUs available, {default_num_processes} here)",
     )

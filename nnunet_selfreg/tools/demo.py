@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.nnunet_folders import (
     ENV_VARS,
@@ -48,13 +49,6 @@ class Folders:
     preprocessed: Path
     results: Path
     from_environment: bool
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _bin(name: str) -> str:
@@ -450,16 +444,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="selfreg_demo", help="work folder (default: ./selfreg_demo)")
     p.add_argument("--folds", nargs="+", type=int, default=list(DEFAULT_FOLDS), help="folds (default: 0 1 2 3 4)")
     (e2, i2, v2), (e3, i3, v3) = DEFAULT_BUDGETS["dsb2018"], DEFAULT_BUDGETS["inia19"]
-    p.add_argument("--epochs", type=_positive_int, default=None, help=f"epochs (default: {e2} dsb2018, {e3} inia19)")
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"epochs (default: {e2} dsb2018, {e3} inia19)")
     p.add_argument(
         "--iterations",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"training iterations per epoch (default: {i2} dsb2018, {i3} inia19)",
     )
     p.add_argument(
         "--val-iterations",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"validation iterations per epoch (default: {v2} dsb2018, {v3} inia19)",
     )
@@ -477,7 +471,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_REPEATS,
         help="training runs per arm (run k of X trains as X_Rep<k>): with 2 or more, compare tests each method "
         "difference against the run-to-run noise and says which differences this design can detect; with 1, "
@@ -485,7 +479,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="trainings at a time (default: 2 on a CPU with 2 or more cores, each with half of them; 1 on a GPU)",
     )
