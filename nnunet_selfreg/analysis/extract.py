@@ -35,6 +35,7 @@ from nnunet_selfreg.analysis.feature_stats import (
 )
 from nnunet_selfreg.analysis.gradcam import class_score, grad_cam
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.losses.selfreg import pool_to_common_size, semantic_consistency_loss
 from nnunet_selfreg.nnunet_folders import MODEL_FOLDER_LAYOUT, fold_folder, fold_folders, parse_model_folder_name
 from nnunet_selfreg.taps import UNetFeatureTaps, UnsupportedArchitectureError, check_tappable, unwrap_network
@@ -110,7 +111,7 @@ def channel_names(dataset_json: dict) -> list[str]:
 
 def input_spec(folder: Path) -> tuple[str, list[str]]:
     """``(file_ending, channel names)`` from a model folder's dataset.json (read before loading the model)."""
-    dataset_json = _read_json(Path(folder) / "dataset.json")
+    dataset_json = read_json(Path(folder) / "dataset.json", AnalyzeInputError)
     try:
         return str(dataset_json["file_ending"]), channel_names(dataset_json)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
@@ -140,21 +141,14 @@ def check_model_folder(folder: Path, fold: str, checkpoint: str) -> Path:
     return ckpt
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AnalyzeInputError(f"cannot read {path}: {e}") from None
-
-
 def load_model(folder: Path, fold: str, checkpoint: str, device: torch.device) -> Model:
     """Build the network and load the fold's weights with nnU-Net's predictor; check it can be tapped."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     folder = Path(folder).absolute()
     ckpt = check_model_folder(folder, fold, checkpoint)
-    plans = _read_json(folder / "plans.json")
-    dataset_json = _read_json(folder / "dataset.json")
+    plans = read_json(folder / "plans.json", AnalyzeInputError)
+    dataset_json = read_json(folder / "dataset.json", AnalyzeInputError)
     parts = parse_model_folder_name(folder.name)
     trainer, plans_id, configuration = parts or (folder.name, plans.get("plans_name", "?"), "?")
     log = io.StringIO()  # nnU-Net prints its trainer search and device notes: keep our progress readable

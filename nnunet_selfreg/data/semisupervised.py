@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import dataset_folder_name, dataset_folders_with_id, parse_dataset_folder_name
 
 SEMISUPERVISED_KEY = "nnunet_selfreg"
@@ -173,12 +174,7 @@ def _read_source(folder: Path) -> dict:
             f"{folder} is not an nnU-Net raw dataset: {', '.join(missing)} missing (expected imagesTr/, labelsTr/ "
             "and dataset.json)"
         )
-    try:
-        dataset_json = json.loads((folder / "dataset.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SemiSupervisedDataError(f"{folder / 'dataset.json'} cannot be read as JSON ({e})") from None
-    if not isinstance(dataset_json, dict):
-        raise SemiSupervisedDataError(f"{folder / 'dataset.json'} does not hold a JSON object")
+    dataset_json = read_json(folder / "dataset.json", SemiSupervisedDataError)
     if "dataset" in dataset_json:
         raise SemiSupervisedDataError(
             f'{folder / "dataset.json"} lists its files under a "dataset" key: such datasets are unsupported; '

@@ -45,6 +45,7 @@ from scipy import ndimage
 from nnunet_selfreg.evaluation.instances import INSTANCE_METRICS, connected_instances, instance_metrics
 from nnunet_selfreg.evaluation.metric_cache import MetricCache, entry_key, file_digest
 from nnunet_selfreg.evaluation.results import CompareInputError, Comparison, prediction_file, reference_file
+from nnunet_selfreg.report_folder import package_version
 
 SURFACE_METRICS = ("HD95", "NSD")
 #: HD95 of a label present in exactly one of prediction and reference (recorded in results.json)
@@ -348,9 +349,7 @@ def metric_settings(comparison: Comparison, tolerance_mm: float, surface: bool, 
             labels=list(comparison.labels), nsd_tolerance_mm=float(tolerance_mm), hd95_one_empty=HD95_ONE_EMPTY
         )
     if instance_label is not None:
-        from importlib.metadata import version
-
-        settings.update(instances={"connectivity": "face", "iou_threshold": 0.5, "monai": version("monai")})
+        settings.update(instances={"connectivity": "face", "iou_threshold": 0.5, "monai": package_version("monai")})
     return settings
 
 

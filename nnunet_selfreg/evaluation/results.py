@@ -24,6 +24,7 @@ import numpy as np
 from nnunet_selfreg import nnunet_folders
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.evaluation.model import Arm, CaseTable
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import (
     env_folder,
     fold_folder,
@@ -181,15 +182,7 @@ def _available(dataset_folder: Path) -> str:
 
 
 def _load_json_file(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CompareInputError(f"{path} is missing: every nnU-Net results folder has its {what}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompareInputError(f"{path} cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CompareInputError(f"{path} does not hold a JSON object")
-    return data
+    return read_json(path, CompareInputError, missing=f"every nnU-Net results folder has its {what}")
 
 
 # --------------------------------------------------------------------------- summary.json
@@ -418,9 +411,8 @@ def read_splits(preprocessed: Path | None) -> list[set[str]] | None:
     if path is None or not path.is_file():
         return None
     try:
-        splits = json.loads(path.read_text())
-        return [set(s["val"]) for s in splits]
-    except (OSError, ValueError, TypeError, KeyError):
+        return [set(s["val"]) for s in read_json(path, expect=list)]
+    except (UserError, TypeError, KeyError):
         return None
 
 
@@ -598,9 +590,9 @@ def training_length(model: ModelResults, fold: int) -> tuple[int, int] | None:
     """(epochs, iterations per epoch) of one fold from nnU-Net's ``debug.json``; None if it is not there."""
     path = fold_folder(model.folder, fold) / DEBUG_FILE
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         return tuple(int(data[k]) for k in TRAINING_LENGTH_KEYS)  # type: ignore[return-value]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, ValueError, KeyError, TypeError):
         return None
 
 

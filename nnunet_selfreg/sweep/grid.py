@@ -13,13 +13,13 @@ name, and ``compare`` reads ``_Rep{k}`` as another run of ``X``
 
 from __future__ import annotations
 
-import json
 import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import model_folder_name, parse_fold, require_env_folder, resolve_dataset
 
 __all__ = ["Grid", "GridSpec", "Job", "check_trainer_names", "plan_grid", "run_name"]
@@ -131,7 +131,7 @@ def _load_plans(preprocessed: Path, dataset: str, plans: str) -> dict:
             f"no plans {plans!r} for {dataset} ({path} is missing; plans there: {', '.join(have) or 'none'}): run "
             f"nnUNetv2_plan_and_preprocess -d {dataset} first, or pass -p with one of those"
         )
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _check_configurations(plans: dict, configurations: tuple[str, ...], preprocessed: Path, spec: GridSpec) -> None:
@@ -173,7 +173,7 @@ def _splits(preprocessed: Path, data_folder: Path) -> list:
             print_to_log_file=lambda *args, **kwargs: None,
         )
         nnUNetTrainer.do_split(stand_in)
-    return json.loads(path.read_text())
+    return read_json(path, expect=list)
 
 
 def _check_folds(folds: list[int | str], splits: list) -> None:

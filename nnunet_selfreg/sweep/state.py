@@ -8,12 +8,12 @@ training logs (``Epoch k`` and ``Epoch time: t s`` lines) and ``debug.json`` (``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 
 __all__ = [
     "CHECKPOINTS",
@@ -60,8 +60,8 @@ def fold_state(fold_dir: Path) -> str:
 
 def _debug_info(fold_dir: Path) -> dict | None:
     try:
-        return json.loads((fold_dir / "debug.json").read_text())
-    except (OSError, ValueError):
+        return read_json(fold_dir / "debug.json")
+    except UserError:
         return None
 
 

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import (
     dataset_folders_with_id,
     env_folder,
@@ -143,9 +144,7 @@ def run(args: argparse.Namespace) -> int:
     except SemiSupervisedDataError as e:
         raise UserError(str(e)) from None
 
-    import json
-
-    dataset_json = json.loads((target / "dataset.json").read_text())
+    dataset_json = read_json(target / "dataset.json")
     entry = dataset_json[SEMISUPERVISED_KEY]
     print(
         f"wrote {target}: {entry['labeled_cases']} labelled + {len(entry['unlabeled_cases'])} unlabelled cases, "

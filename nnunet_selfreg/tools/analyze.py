@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import parse_fold, parse_model_folder_name
 
 DESCRIPTION = """\
@@ -69,11 +70,9 @@ def _device(text: str | None):
 
 def default_output(model_folder: Path) -> Path:
     """``./analysis_<dataset>_<configuration>`` from the model folder's plans.json and name (``T__P__C``)."""
-    import json
-
     try:
-        dataset = json.loads((model_folder / "plans.json").read_text())["dataset_name"]
-    except (OSError, ValueError, KeyError, TypeError):
+        dataset = read_json(model_folder / "plans.json")["dataset_name"]
+    except (UserError, KeyError, TypeError):
         dataset = model_folder.parent.name
     parts = parse_model_folder_name(model_folder.name)
     configuration = parts[2] if parts else model_folder.name

@@ -8,7 +8,6 @@ macaque brain blocks with atlas labels, configuration ``3d_fullres``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import (
     ENV_VARS,
     dataset_folders_with_id,
@@ -113,7 +113,7 @@ def _is_demo_dataset(folder: Path, dataset: str = "dsb2018") -> bool:
 def _check_labels(folder: Path, labels: str) -> None:
     from nnunet_selfreg.data import dsb2018
 
-    have = json.loads((folder / "dataset.json").read_text())["labels"]
+    have = read_json(folder / "dataset.json")["labels"]
     if folder.name.endswith(dsb2018.DATASET_NAME) and have != dsb2018.LABEL_MODES[labels]:
         raise UserError(
             f"{folder} was built with other labels ({have}); use --labels accordingly or another --dataset-id"

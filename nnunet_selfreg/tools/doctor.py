@@ -10,10 +10,10 @@ import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass, field
-from importlib import metadata
 
 from nnunet_selfreg import _discovery
 from nnunet_selfreg.nnunet_folders import ENV_VARS, unset_message
+from nnunet_selfreg.report_folder import package_version
 
 #: nnU-Net's own trainer lookup, then its own walk of every nnUNet_extTrainer folder (to name a module
 #: that fails to import): one fresh interpreter, one JSON line on stdout
@@ -76,13 +76,6 @@ except Exception as e:
     out["error"] = f"{type(e).__name__}" + (f": {text[0]}" if text else "") + f" ({last.filename}:{last.lineno})"
 print(json.dumps(out))
 """
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _run_json(code: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> tuple[dict | None, str]:
@@ -194,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n[versions]")
     print(f"  python {sys.version.split()[0]} ({sys.executable})")
     for dist in ("nnunet-selfreg", "nnunetv2", "dynamic-network-architectures", "torch"):
-        print(f"  {dist} {_version(dist)}")
-    nnunet_v = _version("nnunetv2")
+        print(f"  {dist} {package_version(dist)}")
+    nnunet_v = package_version("nnunetv2")
     if not nnunet_v.startswith("2.8"):
         problems.append(f"nnunetv2 {nnunet_v} is untested: install 'nnunetv2>=2.8,<2.9'")
 

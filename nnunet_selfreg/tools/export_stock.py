@@ -18,7 +18,6 @@ written to a temporary name and moved into place, and a failed export removes wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import fold_folders, is_fold_folder_name
 from nnunet_selfreg.outputs import write_file_atomically
 
@@ -87,16 +87,6 @@ def load_checkpoint_safely(path: Path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} cannot be read as a PyTorch checkpoint ({first})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
 
 
 def find_checkpoints(model: Path) -> list[Path]:
@@ -256,7 +246,7 @@ def export_stock(model: Path, output: Path, copy_all: bool = False, verbose: boo
     model, output = Path(os.path.abspath(model)), Path(os.path.abspath(output))
     checkpoints = check_model_folder(model)
     check_output_folder(model, output)
-    plans, dataset_json = _read_json(model / "plans.json"), _read_json(model / "dataset.json")
+    plans, dataset_json = read_json(model / "plans.json"), read_json(model / "dataset.json")
     check = StockNetworkCheck(plans, dataset_json)
     say = print if verbose else (lambda *a, **k: None)
 
