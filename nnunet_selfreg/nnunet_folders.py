@@ -29,6 +29,7 @@ __all__ = [
     "model_folder_name",
     "parse_dataset_folder_name",
     "parse_fold",
+    "refuse_existing_dataset",
     "parse_model_folder_name",
     "require_env_folder",
     "resolve_dataset",
@@ -114,6 +115,22 @@ def find_free_dataset_id(*roots: Path | None, start: int = 950) -> int:
         if candidate not in used:
             return candidate
     raise RuntimeError(f"no free nnU-Net dataset id in [{start}, 999]")
+
+
+def refuse_existing_dataset(raw_root: Path, dataset_id: int) -> None:
+    """Before writing a new dataset: ``dataset_id`` must be 1..999 and unused in ``raw_root``.
+
+    Raises ValueError for an id nnU-Net cannot name, FileExistsError (saying what to do) for a used one.
+    """
+    if not 1 <= dataset_id <= 999:
+        raise ValueError(f"nnU-Net dataset ids have three digits (1..999), got {dataset_id}")
+    existing = dataset_folders_with_id(raw_root, dataset_id)
+    if existing:
+        raise FileExistsError(
+            f"{existing[0]} exists already; nothing was written. Pick a free id "
+            f"(nnunet_selfreg.nnunet_folders.find_free_dataset_id(nnUNet_raw, nnUNet_preprocessed, "
+            f"nnUNet_results)) or delete that folder yourself if you mean to rebuild it."
+        )
 
 
 # --------------------------------------------------------------------------- model and fold folders

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_selfreg.data.dsb2018 import _refuse_existing, default_cache_dir, find_free_dataset_id, sha256_of
+from nnunet_selfreg.data.downloads import DownloadError, HashMismatchError, PinnedFile, default_cache_dir
+from nnunet_selfreg.data.downloads import sha256_of as sha256_of
+from nnunet_selfreg.nnunet_folders import find_free_dataset_id, refuse_existing_dataset
 
 __all__ = [
     "DebDownloadError",
@@ -63,11 +65,11 @@ MIN_BRAIN_FRACTION = 0.5  # a block is a case if at least this fraction of its v
 EXPECTED_LARGEST = ((55, 67768), (193, 49362), (2, 40947), (54, 40692))
 
 
-class DebDownloadError(RuntimeError):
+class DebDownloadError(DownloadError):
     """``apt-get download`` could not provide the .deb (no apt, no network, no package lists, ...)."""
 
 
-class DebHashError(RuntimeError):
+class DebHashError(HashMismatchError):
     """A .deb's sha256 is not :data:`DEB_SHA256`; the file must not be used."""
 
 
@@ -83,14 +85,32 @@ class DatasetInfo:
     face_stats: dict[str, float]
 
 
-def _check_sha(path: Path, what: str) -> None:
-    actual = sha256_of(path)
-    if actual != DEB_SHA256:
-        raise DebHashError(
-            f"sha256 mismatch for {what} {path}: expected {DEB_SHA256} ({DEB_NAME}), got {actual}. "
-            "The file was not used. Get the exact package with `apt-get download "
-            f"{DEB_PACKAGE}={DEB_VERSION}` (Debian bookworm) and pass it with --deb."
+MRICRON_DEB = PinnedFile(
+    DEB_NAME,
+    DEB_SHA256,
+    "inia19",
+    DebHashError,
+    f"get the exact package with `apt-get download {DEB_PACKAGE}={DEB_VERSION}` (Debian bookworm) and pass it "
+    "with --deb",
+)
+
+
+def _apt_download(folder: Path, how: str) -> Path:
+    """The .deb, downloaded by ``apt-get download`` into ``folder``; :class:`DebDownloadError` saying ``how`` else."""
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise DebDownloadError(f"apt-get is not available here to download {DEB_NAME}: {how}")
+    cmd = [apt, "download", f"{DEB_PACKAGE}={DEB_VERSION}"]
+    print(f"[inia19] downloading: {' '.join(cmd)}")
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    downloaded = folder / DEB_NAME
+    if proc.returncode != 0 or not downloaded.is_file():
+        tail = (proc.stdout + proc.stderr).strip()[-2000:]
+        raise DebDownloadError(
+            f"apt-get download failed (exit {proc.returncode}):\n{tail}\nIf apt knows no such package, run "
+            f"`apt-get update` (needs Debian's archive in the sources), or {how}."
         )
+    return downloaded
 
 
 def fetch_mricron_deb(cache_dir: Path, deb: Path | None = None, allow_download: bool = True) -> Path:
@@ -102,47 +122,18 @@ def fetch_mricron_deb(cache_dir: Path, deb: Path | None = None, allow_download: 
     never cached; no way of getting the file raises :class:`DebDownloadError` saying what to do.
     """
     cache_dir = Path(cache_dir)
-    cached = cache_dir / DEB_NAME
     if deb is not None:
-        deb = Path(deb)
-        if not deb.is_file():
+        if not Path(deb).is_file():
             raise DebDownloadError(f"--deb {deb}: no such file")
-        _check_sha(deb, "the given file")
-        if deb.resolve() != cached.resolve():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="mricron_deb_", dir=cache_dir) as tmp:
-                shutil.copyfile(deb, Path(tmp) / DEB_NAME)
-                shutil.move(str(Path(tmp) / DEB_NAME), cached)
-        print(f"[inia19] using {deb} (sha256 verified: {DEB_SHA256})")
-        return cached
-    if cached.is_file():
-        if sha256_of(cached) == DEB_SHA256:
-            print(f"[inia19] using cached {cached} (sha256 verified: {DEB_SHA256})")
-            return cached
-        print(f"[inia19] WARNING: cached {cached} has the wrong sha256; removing it")
-        cached.unlink()
+        return MRICRON_DEB.add(cache_dir, Path(deb))
     how = f"pass the file with --deb (from `apt-get download {DEB_PACKAGE}={DEB_VERSION}` on a Debian/Ubuntu machine)"
-    if not allow_download:
-        raise DebDownloadError(f"{DEB_NAME} is not in the cache {cache_dir} and downloading is off: {how}")
-    apt = shutil.which("apt-get")
-    if apt is None:
-        raise DebDownloadError(f"apt-get is not available here to download {DEB_NAME}: {how}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mricron_deb_", dir=cache_dir) as tmp:
-        cmd = [apt, "download", f"{DEB_PACKAGE}={DEB_VERSION}"]
-        print(f"[inia19] downloading: {' '.join(cmd)}")
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
-        downloaded = Path(tmp) / DEB_NAME
-        if proc.returncode != 0 or not downloaded.is_file():
-            tail = (proc.stdout + proc.stderr).strip()[-2000:]
-            raise DebDownloadError(
-                f"apt-get download failed (exit {proc.returncode}):\n{tail}\nIf apt knows no such package, run "
-                f"`apt-get update` (needs Debian's archive in the sources), or {how}."
-            )
-        _check_sha(downloaded, "the downloaded file")
-        shutil.move(str(downloaded), cached)
-    print(f"[inia19] verified sha256 {DEB_SHA256}; cached at {cached}")
-    return cached
+
+    def download(folder: Path) -> Path:
+        if not allow_download:
+            raise DebDownloadError(f"{DEB_NAME} is not in the cache {cache_dir} and downloading is off: {how}")
+        return _apt_download(folder, how)
+
+    return MRICRON_DEB.fetch(cache_dir, download)
 
 
 def _ar_members(data: bytes) -> dict[str, bytes]:
@@ -458,7 +449,7 @@ def make_inia19_dataset(
     holds a ``DatasetXXX_*`` with this id; never leaves a half-written folder behind.
     """
     raw_root = Path(raw_root)
-    _refuse_existing(raw_root, dataset_id)
+    refuse_existing_dataset(raw_root, dataset_id)
     path = fetch_mricron_deb(Path(cache_dir) if cache_dir else default_cache_dir(), deb, allow_download)
     folder = raw_root / f"Dataset{dataset_id:03d}_{DATASET_NAME}"
     try:
