@@ -37,7 +37,17 @@ from nnunet_selfreg.analysis.gradcam import class_score, grad_cam
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.losses.selfreg import pool_to_common_size, semantic_consistency_loss
-from nnunet_selfreg.nnunet_folders import MODEL_FOLDER_LAYOUT, fold_folder, fold_folders, parse_model_folder_name
+from nnunet_selfreg.nnunet_folders import (
+    CHECKPOINT_GLOB,
+    DATASET_JSON,
+    FOLD_PREFIX,
+    MODEL_FOLDER_LAYOUT,
+    PLANS_JSON,
+    fold_folder,
+    fold_folders,
+    image_file_name,
+    parse_model_folder_name,
+)
 from nnunet_selfreg.taps import UNetFeatureTaps, UnsupportedArchitectureError, check_tappable, unwrap_network
 
 #: random channel pairings averaged per case for the SCR distance (the loss draws one per step)
@@ -111,11 +121,11 @@ def channel_names(dataset_json: dict) -> list[str]:
 
 def input_spec(folder: Path) -> tuple[str, list[str]]:
     """``(file_ending, channel names)`` from a model folder's dataset.json (read before loading the model)."""
-    dataset_json = read_json(Path(folder) / "dataset.json", AnalyzeInputError)
+    dataset_json = read_json(Path(folder) / DATASET_JSON, AnalyzeInputError)
     try:
         return str(dataset_json["file_ending"]), channel_names(dataset_json)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise AnalyzeInputError(f"{folder}/dataset.json lacks a valid file_ending or channel_names ({e})") from None
+        raise AnalyzeInputError(f"{folder}/{DATASET_JSON} lacks a valid file_ending or channel_names ({e})") from None
 
 
 def check_model_folder(folder: Path, fold: str, checkpoint: str) -> Path:
@@ -125,17 +135,17 @@ def check_model_folder(folder: Path, fold: str, checkpoint: str) -> Path:
         raise AnalyzeInputError(f"model folder {folder} does not exist (expected {layout})")
     if not folder.is_dir():
         raise AnalyzeInputError(f"{folder} is not a folder: give a trained model folder ({layout})")
-    missing = [f for f in ("plans.json", "dataset.json") if not (folder / f).is_file()]
+    missing = [f for f in (PLANS_JSON, DATASET_JSON) if not (folder / f).is_file()]
     folds = [p.name for p in fold_folders(folder)]
     if missing or not folds:
-        what = " and ".join(missing) if missing else "fold_X folders"
+        what = " and ".join(missing) if missing else f"{FOLD_PREFIX}X folders"
         raise AnalyzeInputError(f"{folder} is not a trained nnU-Net model folder: it has no {what} (expected {layout})")
     fold_dir = fold_folder(folder, fold)
     if not fold_dir.is_dir():
-        raise AnalyzeInputError(f"{folder} has no fold_{fold} (it has {', '.join(folds)}): choose one with -f")
+        raise AnalyzeInputError(f"{folder} has no {FOLD_PREFIX}{fold} (it has {', '.join(folds)}): choose one with -f")
     ckpt = fold_dir / checkpoint
     if not ckpt.is_file():
-        found = sorted(p.name for p in fold_dir.glob("checkpoint_*.pth"))
+        found = sorted(p.name for p in fold_dir.glob(CHECKPOINT_GLOB))
         hint = f"it has {', '.join(found)}: pass --checkpoint" if found else "is the training finished?"
         raise AnalyzeInputError(f"{fold_dir} has no {checkpoint} ({hint})")
     return ckpt
@@ -147,8 +157,8 @@ def load_model(folder: Path, fold: str, checkpoint: str, device: torch.device) -
 
     folder = Path(folder).absolute()
     ckpt = check_model_folder(folder, fold, checkpoint)
-    plans = read_json(folder / "plans.json", AnalyzeInputError)
-    dataset_json = read_json(folder / "dataset.json", AnalyzeInputError)
+    plans = read_json(folder / PLANS_JSON, AnalyzeInputError)
+    dataset_json = read_json(folder / DATASET_JSON, AnalyzeInputError)
     parts = parse_model_folder_name(folder.name)
     trainer, plans_id, configuration = parts or (folder.name, plans.get("plans_name", "?"), "?")
     log = io.StringIO()  # nnU-Net prints its trainer search and device notes: keep our progress readable
@@ -213,8 +223,9 @@ def find_cases(folder: Path, file_ending: str, channel_names: list[str]) -> list
     files = sorted(p for p in folder.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
     if not files:
         raise AnalyzeInputError(
-            f"no cases in {folder}: expected images named CASE_XXXX{file_ending} (e.g. case1_0000{file_ending}), "
-            "the model's dataset.json file_ending"
+            f"no cases in {folder}: expected images named CASE_XXXX{file_ending} "
+            f"(e.g. {image_file_name('case1', file_ending)}), "
+            f"the model's {DATASET_JSON} file_ending"
         )
     by_case: dict[str, dict[int, Path]] = {}
     for p in files:
@@ -299,7 +310,7 @@ def cam_target(model: Model, requested: str | None) -> tuple[int, str]:
         channels = {n: int(labels[n]) for n in names}
         channels.update({str(int(labels[n])): int(labels[n]) for n in names})
     if not names:
-        raise AnalyzeInputError(f"{model.folder}: dataset.json has no foreground class for Grad-CAM")
+        raise AnalyzeInputError(f"{model.folder}: {DATASET_JSON} has no foreground class for Grad-CAM")
     if requested is None:
         return channels[names[0]], names[0]
     if requested not in channels:

@@ -26,11 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-# default_cache_dir, sha256_of and find_free_dataset_id are re-exported: they were defined here first
 from nnunet_selfreg.data.downloads import DownloadError, HashMismatchError, PinnedFile
 from nnunet_selfreg.data.downloads import default_cache_dir as default_cache_dir
 from nnunet_selfreg.data.downloads import sha256_of as sha256_of
-from nnunet_selfreg.nnunet_folders import dataset_folder_name, refuse_existing_dataset
+
+# default_cache_dir, sha256_of and find_free_dataset_id are re-exported: they were defined here first
+from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    IMAGES_TR,
+    LABELS_TR,
+    dataset_folder_name,
+    image_file_name,
+    refuse_existing_dataset,
+)
 from nnunet_selfreg.nnunet_folders import find_free_dataset_id as find_free_dataset_id
 
 STARDIST_VERSION = "0.9.2"
@@ -226,12 +234,12 @@ def _write_real_dataset(folder: Path, wheel: Path, grid: int, labels: str) -> tu
     seg = semantic_labels(instances, labels)
     tiles = tile_slices(image8.shape, grid)
     tile = (tiles[0][2].stop - tiles[0][2].start, tiles[0][3].stop - tiles[0][3].start)
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
+    (folder / IMAGES_TR).mkdir(parents=True)
+    (folder / LABELS_TR).mkdir()
     for r, c, ys, xs in tiles:
         case = f"dsb2018_r{r}_c{c}"
-        _write_png(image8[ys, xs], folder / "imagesTr" / f"{case}_0000.png")
-        _write_png(seg[ys, xs], folder / "labelsTr" / f"{case}.png")
+        _write_png(image8[ys, xs], folder / IMAGES_TR / image_file_name(case, ".png"))
+        _write_png(seg[ys, xs], folder / LABELS_TR / f"{case}.png")
     with zipfile.ZipFile(wheel) as zf:
         licence = zf.read(WHEEL_LICENSE_PATH).decode("utf-8", errors="replace")
     dataset_json = {
@@ -249,7 +257,7 @@ def _write_real_dataset(folder: Path, wheel: Path, grid: int, labels: str) -> tu
         "licence": "image/labels: CC0 1.0 as published by the BBBC (BBBC038), please verify; stardist: BSD-3-Clause",
         "source": f"{STARDIST_WHEEL_NAME} sha256 {STARDIST_WHEEL_SHA256}",
     }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / DATASET_JSON).write_text(json.dumps(dataset_json, indent=2))
     used = (tile[0] * grid, tile[1] * grid)
     n_instances = len(np.unique(instances)) - 1
     readme = _readme(STARDIST_WHEEL_SHA256, grid, tile, used, labels, intensity_note, n_instances, licence)

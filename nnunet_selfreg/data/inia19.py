@@ -34,7 +34,15 @@ import numpy as np
 
 from nnunet_selfreg.data.downloads import DownloadError, HashMismatchError, PinnedFile, default_cache_dir
 from nnunet_selfreg.data.downloads import sha256_of as sha256_of
-from nnunet_selfreg.nnunet_folders import find_free_dataset_id, refuse_existing_dataset
+from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    IMAGES_TR,
+    LABELS_TR,
+    dataset_folder_name,
+    find_free_dataset_id,
+    image_file_name,
+    refuse_existing_dataset,
+)
 
 __all__ = [
     "DebDownloadError",
@@ -374,15 +382,15 @@ def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> 
     seg_img.CopyInformation(atlas_img)
     t1_out = sitk.GetImageFromArray(t1)
     t1_out.CopyInformation(t1_img)
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
+    (folder / IMAGES_TR).mkdir(parents=True)
+    (folder / LABELS_TR).mkdir()
     in_cases = np.zeros(len(labels), dtype=np.int64)
     cases_with = np.zeros(len(labels), dtype=np.int64)
     for z, y, x in blocks:
         case = _case_name((z, y, x), block)
         crop = (slice(x, x + block), slice(y, y + block), slice(z, z + block))  # SimpleITK indexes (x, y, z)
-        sitk.WriteImage(t1_out[crop], str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(seg_img[crop], str(folder / "labelsTr" / f"{case}.nii.gz"))
+        sitk.WriteImage(t1_out[crop], str(folder / IMAGES_TR / image_file_name(case, ".nii.gz")))
+        sitk.WriteImage(seg_img[crop], str(folder / LABELS_TR / f"{case}.nii.gz"))
         counts = np.bincount(seg[z : z + block, y : y + block, x : x + block].ravel(), minlength=len(labels))
         in_cases += counts
         cases_with += counts > 0
@@ -423,7 +431,7 @@ def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> 
         "licence": "not stated for the templates in the Debian package; see README.md and the upstream NITRC terms",
         "source": f"{DEB_NAME} sha256 {DEB_SHA256}",
     }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / DATASET_JSON).write_text(json.dumps(dataset_json, indent=2))
     copyright_text = files[COPYRIGHT_MEMBER].decode("utf-8", errors="replace")
     readme = _readme(info, copyright_text)
     (folder / "README.md").write_text(readme)
@@ -451,7 +459,7 @@ def make_inia19_dataset(
     raw_root = Path(raw_root)
     refuse_existing_dataset(raw_root, dataset_id)
     path = fetch_mricron_deb(Path(cache_dir) if cache_dir else default_cache_dir(), deb, allow_download)
-    folder = raw_root / f"Dataset{dataset_id:03d}_{DATASET_NAME}"
+    folder = raw_root / dataset_folder_name(dataset_id, DATASET_NAME)
     try:
         info = _write_dataset(folder, path, block, min_fraction)
     except BaseException:

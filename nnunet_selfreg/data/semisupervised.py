@@ -30,7 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_selfreg.json_files import read_json
-from nnunet_selfreg.nnunet_folders import dataset_folder_name, dataset_folders_with_id, parse_dataset_folder_name
+from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    IMAGES_TR,
+    IMAGES_TS,
+    LABELS_TR,
+    SPLITS_JSON,
+    dataset_folder_name,
+    dataset_folders_with_id,
+    image_file_name,
+    parse_dataset_folder_name,
+)
 
 SEMISUPERVISED_KEY = "nnunet_selfreg"
 README_NAME = "README_semisupervised.txt"
@@ -57,13 +67,14 @@ def unlabeled_cases(dataset_json: dict) -> list[str]:
     ids = entry.get("unlabeled_cases") if isinstance(entry, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise SemiSupervisedDataError(
-            f'dataset.json entry "{SEMISUPERVISED_KEY}" is malformed: it must be an object whose "unlabeled_cases" '
+            f'{DATASET_JSON} entry "{SEMISUPERVISED_KEY}" is malformed: it must be an object whose "unlabeled_cases" '
             "is a list of case identifiers (strings); rebuild the dataset with nnunet-selfreg add-unlabeled or fix "
-            "dataset.json (in nnUNet_raw, then preprocess again)"
+            f"{DATASET_JSON} (in nnUNet_raw, then preprocess again)"
         )
     if len(set(ids)) != len(ids):
         raise SemiSupervisedDataError(
-            f'dataset.json entry "{SEMISUPERVISED_KEY}.unlabeled_cases" lists a case more than once; fix dataset.json'
+            f'{DATASET_JSON} entry "{SEMISUPERVISED_KEY}.unlabeled_cases" lists a case more than once; '
+            f"fix {DATASET_JSON}"
         )
     return sorted(ids)
 
@@ -75,7 +86,7 @@ def ignore_label_value(dataset_json: dict) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise SemiSupervisedDataError(
-            f'dataset.json labels["ignore"] is {value!r}: nnU-Net needs one integer, the highest label value'
+            f'{DATASET_JSON} labels["ignore"] is {value!r}: nnU-Net needs one integer, the highest label value'
         )
     return value
 
@@ -103,12 +114,12 @@ def semi_supervised_splits(
     if overlap:
         raise SemiSupervisedDataError(
             f"{len(overlap)} case(s) are both labelled and unlabelled ({', '.join(overlap[:5])}"
-            f"{', ...' if len(overlap) > 5 else ''}); fix the unlabeled_cases list in dataset.json"
+            f"{', ...' if len(overlap) > 5 else ''}); fix the unlabeled_cases list in {DATASET_JSON}"
         )
     if len(labeled_ids) < n_splits:
         raise SemiSupervisedDataError(
             f"{len(labeled_ids)} labelled case(s) cannot be split into {n_splits} folds: add labelled cases, or "
-            "write your own splits_final.json (into the dataset's nnUNet_preprocessed folder) with the unlabelled "
+            f"write your own {SPLITS_JSON} (into the dataset's nnUNet_preprocessed folder) with the unlabelled "
             "cases in every 'train' list and never in 'val'"
         )
     splits = generate_crossval_split(labeled_ids, seed=seed, n_splits=n_splits)
@@ -155,34 +166,34 @@ def _label_values(labels: dict) -> dict[str, int]:
         )
     bad = sorted(k for k, v in labels.items() if isinstance(v, bool) or not isinstance(v, int))
     if bad:
-        raise SemiSupervisedDataError(f"dataset.json labels {', '.join(bad)} are not integers; fix dataset.json")
+        raise SemiSupervisedDataError(f"{DATASET_JSON} labels {', '.join(bad)} are not integers; fix {DATASET_JSON}")
     return dict(labels)
 
 
 def _num_channels(dataset_json: dict) -> int:
     channels = dataset_json.get("channel_names", dataset_json.get("modality"))
     if not isinstance(channels, dict) or not channels:
-        raise SemiSupervisedDataError('dataset.json has no "channel_names"; it is not an nnU-Net v2 dataset.json')
+        raise SemiSupervisedDataError(f'{DATASET_JSON} has no "channel_names"; it is not an nnU-Net v2 {DATASET_JSON}')
     return len(channels)
 
 
 def _read_source(folder: Path) -> dict:
-    missing = [n for n in ("imagesTr", "labelsTr") if not (folder / n).is_dir()]
-    missing += [] if (folder / "dataset.json").is_file() else ["dataset.json"]
+    missing = [n for n in (IMAGES_TR, LABELS_TR) if not (folder / n).is_dir()]
+    missing += [] if (folder / DATASET_JSON).is_file() else [DATASET_JSON]
     if missing:
         raise SemiSupervisedDataError(
-            f"{folder} is not an nnU-Net raw dataset: {', '.join(missing)} missing (expected imagesTr/, labelsTr/ "
-            "and dataset.json)"
+            f"{folder} is not an nnU-Net raw dataset: {', '.join(missing)} missing "
+            f"(expected {IMAGES_TR}/, {LABELS_TR}/ and {DATASET_JSON})"
         )
-    dataset_json = read_json(folder / "dataset.json", SemiSupervisedDataError)
+    dataset_json = read_json(folder / DATASET_JSON, SemiSupervisedDataError)
     if "dataset" in dataset_json:
         raise SemiSupervisedDataError(
-            f'{folder / "dataset.json"} lists its files under a "dataset" key: such datasets are unsupported; '
-            "use the imagesTr/labelsTr layout"
+            f'{folder / DATASET_JSON} lists its files under a "dataset" key: such datasets are unsupported; '
+            f"use the {IMAGES_TR}/{LABELS_TR} layout"
         )
     for key in ("labels", "file_ending"):
         if key not in dataset_json:
-            raise SemiSupervisedDataError(f'{folder / "dataset.json"} has no "{key}"; fix dataset.json')
+            raise SemiSupervisedDataError(f'{folder / DATASET_JSON} has no "{key}"; fix {DATASET_JSON}')
     if dataset_json.get("regions_class_order") is not None:
         raise SemiSupervisedDataError(
             "the dataset defines regions_class_order (region-based training): SS-Net needs softmax classes"
@@ -252,7 +263,7 @@ def _unlabeled_files(folder: Path, ending: str, channels: list[str]) -> dict[str
         if multi:
             raise SemiSupervisedDataError(
                 f"the dataset has one image per case, but {folder} looks multi-channel ({multi[0]}{ending} beside "
-                f"{_split_channel(multi[0])[0]}_0000{ending}); give one image per case"
+                f"{image_file_name(_split_channel(multi[0])[0], ending)}); give one image per case"
             )
         return cases
     problems = []
@@ -281,14 +292,14 @@ def _readme(
         f"Unlabelled images: {n_unlabeled} case(s) {origin}"
         f"{f', case ids prefixed with {prefix!r}' if prefix else ''}.\n"
         f"Each unlabelled case has a label map of its image's geometry filled with the ignore label {ignore} "
-        '(dataset.json labels["ignore"]), so nnU-Net plans and preprocesses it like any case.\n'
-        f'dataset.json "{SEMISUPERVISED_KEY}"."unlabeled_cases" lists them; semi-supervised trainers '
+        f'({DATASET_JSON} labels["ignore"]), so nnU-Net plans and preprocesses it like any case.\n'
+        f'{DATASET_JSON} "{SEMISUPERVISED_KEY}"."unlabeled_cases" lists them; semi-supervised trainers '
         "(nnUNetTrainerSSNet) put them in the 'train' list of every fold and never in 'val'; the labelled cases\n"
         "are split as nnU-Net splits them. Stock nnU-Net trainers would train on them as empty (all-ignore) cases\n"
         "and could validate on them: use nnUNetTrainer_LabeledOnly for the supervised baseline.\n"
         "Note: nnU-Net's dataset fingerprint counts every voxel whose label is > 0 as foreground, so the\n"
         "unlabelled images' intensities enter its foreground statistics (used by CT normalisation only).\n"
-        "imagesTs of the source was not copied.\n"
+        f"{IMAGES_TS} of the source was not copied.\n"
     )
 
 
@@ -361,7 +372,7 @@ def build_semi_supervised_dataset(
             "(this tool never overwrites a dataset)"
         )
 
-    images_src, labels_src = source / "imagesTr", source / "labelsTr"
+    images_src, labels_src = source / IMAGES_TR, source / LABELS_TR
     ids, channels = _source_cases(images_src, labels_src, ending)
     previous_unlabeled = unlabeled_cases(src_json)
     labeled_ids = sorted(set(ids) - set(previous_unlabeled))
@@ -390,7 +401,7 @@ def build_semi_supervised_dataset(
     try:
         LabelManager(new_labels, regions_class_order=None)  # nnU-Net's own checks (ignore = highest label)
     except (AssertionError, ValueError, TypeError) as e:
-        raise SemiSupervisedDataError(f"dataset.json labels are not usable with an ignore label ({e})") from None
+        raise SemiSupervisedDataError(f"{DATASET_JSON} labels are not usable with an ignore label ({e})") from None
 
     example = images_src / f"{labeled_ids[0]}_{channels[0]}{ending}"
     try:
@@ -407,16 +418,16 @@ def build_semi_supervised_dataset(
         shutil.rmtree(tmp)
     total, done = len(ids) + len(new_ids), 0
     try:
-        (tmp / "imagesTr").mkdir(parents=True)
-        (tmp / "labelsTr").mkdir()
-        for sub in ("imagesTr", "labelsTr"):
+        (tmp / IMAGES_TR).mkdir(parents=True)
+        (tmp / LABELS_TR).mkdir()
+        for sub in (IMAGES_TR, LABELS_TR):
             for f in sorted((source / sub).iterdir()):
                 if f.is_file():
                     shutil.copy2(f, tmp / sub / f.name)
         if withheld:
             (tmp / WITHHELD_DIR).mkdir()
         for case in withheld:  # keep the real labels aside, train on an all-ignore map
-            label_file = tmp / "labelsTr" / f"{case}{ending}"
+            label_file = tmp / LABELS_TR / f"{case}{ending}"
             shutil.move(label_file, tmp / WITHHELD_DIR / label_file.name)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 seg, properties = reader_writer().read_seg(str(tmp / WITHHELD_DIR / label_file.name))
@@ -427,12 +438,12 @@ def build_semi_supervised_dataset(
         for new_id, case in sorted(new_ids.items()):
             copied = []
             for channel, src in sorted(found[case].items()):
-                dest = tmp / "imagesTr" / f"{new_id}_{channel}{ending}"
+                dest = tmp / IMAGES_TR / f"{new_id}_{channel}{ending}"
                 shutil.copy2(src, dest)
                 copied.append(str(dest))
             aux = unlabeled_images / f"{case}.json"
             if ending.lower() in _TIFF_ENDINGS and aux.is_file():  # Tiff3DIO's spacing file
-                shutil.copy2(aux, tmp / "imagesTr" / f"{new_id}.json")
+                shutil.copy2(aux, tmp / IMAGES_TR / f"{new_id}.json")
             names = ", ".join(p.name for _, p in sorted(found[case].items()))
             try:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -452,7 +463,7 @@ def build_semi_supervised_dataset(
                     f"{'2D' if example_is_2d else '3D'}"
                 )
             seg = np.full(image.shape[1:], ignore, dtype=np.uint8 if ignore < 255 else np.uint16)
-            reader_writer().write_seg(seg, str(tmp / "labelsTr" / f"{new_id}{ending}"), properties)
+            reader_writer().write_seg(seg, str(tmp / LABELS_TR / f"{new_id}{ending}"), properties)
             done += 1
             report(done, total, f"added unlabelled case {new_id} ({names})")
 
@@ -478,7 +489,7 @@ def build_semi_supervised_dataset(
                 "keep_labels": str(keep_labels),
                 "seed": keep_seed,
             }
-        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=4) + "\n")
+        (tmp / DATASET_JSON).write_text(json.dumps(dataset_json, indent=4) + "\n")
         readme = _readme(source.name, unlabeled_images, len(labeled_ids), len(unlabeled_ids), ignore, prefix)
         if withheld:
             readme += (

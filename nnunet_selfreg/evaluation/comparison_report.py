@@ -28,6 +28,7 @@ from nnunet_selfreg.evaluation.model import (
 )
 from nnunet_selfreg.evaluation.results import CompareInputError, Comparison
 from nnunet_selfreg.evaluation.stats import HIGHER_IS_BETTER, MIN_NONZERO_FOR_005, Analysis
+from nnunet_selfreg.nnunet_folders import SUMMARY_JSON
 from nnunet_selfreg.report_folder import markdown_table, package_version, pyplot, write_report_folder
 
 #: metrics measured in units of length
@@ -175,7 +176,7 @@ def setup_section(result: ComparisonResult) -> list[str]:
         f"- dataset `{setup.dataset}`, configuration `{setup.configuration}`, plans `{setup.plans}`",
         f"- folds {', '.join(map(str, setup.folds))}: {setup.n_cases} validation cases ({per_fold}), paired by case",
         f"- baseline (first arm): `{setup.baseline}`; runs per arm: {runs_of(result)}",
-        "- Dice and IoU: nnU-Net's own numbers from each `summary.json`",
+        f"- Dice and IoU: nnU-Net's own numbers from each `{SUMMARY_JSON}`",
         *surface_lines(result),
         *statistics_lines(result),
         f"- nnU-Net {setup.versions['nnunetv2']}, scipy {setup.versions['scipy']}, statsmodels "

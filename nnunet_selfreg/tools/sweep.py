@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.nnunet_folders import DEFAULT_PLANS, LATEST_CHECKPOINT
 
 DESCRIPTION = """\
 Train every (configuration, trainer, fold, run) of a grid with nnU-Net's own training entry point
@@ -156,7 +157,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", dest="dataset", default=None, help="dataset id or name")
     p.add_argument("-c", dest="configurations", nargs="+", default=[], help="configurations, e.g. 2d 3d_fullres")
     p.add_argument("-tr", dest="trainers", nargs="+", default=[], help="trainers; the first is compare's baseline")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-p", dest="plans", default=DEFAULT_PLANS, help=f"plans identifier (default: {DEFAULT_PLANS})")
     p.add_argument("-f", dest="folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default: 0 1 2 3 4)")
     p.add_argument("--repeats", type=positive_int, default=1, help="runs per trainer: X, X_Rep2, … (default: 1)")
     p.add_argument("--npz", action="store_true", help="nnU-Net's --npz: keep the validation probabilities")
@@ -170,7 +171,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--save-every",
         type=positive_int,
         default=None,
-        help="write checkpoint_latest.pth every N epochs (default: the trainer's, nnU-Net's 50); a stop signal "
+        help=f"write {LATEST_CHECKPOINT} every N epochs (default: the trainer's, nnU-Net's 50); a stop signal "
         "saves one anyway",
     )
     p.add_argument("--name", default="default", help="the sweep's name, its manifest's folder (default: default)")

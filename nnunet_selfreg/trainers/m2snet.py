@@ -36,6 +36,7 @@ from nnunet_selfreg.losses.lossnet import (
 )
 from nnunet_selfreg.losses.structure import StructureLoss
 from nnunet_selfreg.networks.m2snet import build_m2snet
+from nnunet_selfreg.nnunet_folders import DEBUG_JSON
 from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.trainers.core import epoch_seed, log_epoch_means, register_trainer, validate_weight
 from nnunet_selfreg.trainers.progress import install_extended_logger
@@ -203,7 +204,7 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
                 f"  its sha256 is {self.lossnet.sha256}",
                 f"  expected      {self.lossnet.provenance()['expected_sha256']} (vgg16-397923af.pth).",
                 f"  Training goes on with these weights (${ENV_VGG16_WEIGHTS} may point at your own); the sha256 is",
-                "  recorded in debug.json and in every checkpoint. Results are not the paper's ImageNet LossNet.",
+                f"  recorded in {DEBUG_JSON} and in every checkpoint. Results are not the paper's ImageNet LossNet.",
                 "!" * 100,
             ):
                 self.print_to_log_file(line, also_print_to_console=True)

@@ -36,6 +36,7 @@ from nnunet_selfreg.losses.class_separation import (
 )
 from nnunet_selfreg.losses.schedule import sigmoid_rampup_weight
 from nnunet_selfreg.losses.vat import VAT_DISTANCES, VAT_INITS, frozen_batchnorm_stats, virtual_adversarial_loss
+from nnunet_selfreg.nnunet_folders import DATASET_JSON, SPLITS_JSON
 from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.taps import StageOutputTap, finest_decoder_stage, unwrap_network
 from nnunet_selfreg.trainers.core import (
@@ -89,7 +90,7 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
     unlabeled = unlabeled_cases(trainer.dataset_json)
     if not unlabeled:
         raise SemiSupervisedDataError(
-            f"{trainer.__class__.__name__} needs unlabelled cases, but the dataset.json of "
+            f"{trainer.__class__.__name__} needs unlabelled cases, but the {DATASET_JSON} of "
             f"{trainer.plans_manager.dataset_name} lists none under 'nnunet_selfreg.unlabeled_cases'. Build a "
             "semi-supervised dataset with `nnunet-selfreg add-unlabeled -d <dataset> -i <folder of unlabelled "
             "images>` and preprocess it, or train the stock nnUNetTrainer on a fully labelled dataset."
@@ -111,7 +112,7 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
     missing = sorted(set(unlabeled) - identifiers)
     if missing:
         raise SemiSupervisedDataError(
-            f"{len(missing)} unlabelled case(s) listed in dataset.json are not in "
+            f"{len(missing)} unlabelled case(s) listed in {DATASET_JSON} are not in "
             f"{trainer.preprocessed_dataset_folder} (e.g. {missing[:3]}): "
             "run nnUNetv2_plan_and_preprocess again for this configuration."
         )
@@ -119,7 +120,7 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
     labeled = sorted(identifiers - unl)
     if trainer.fold == "all":
         return labeled, sorted(unl), labeled
-    splits_file = join(trainer.preprocessed_dataset_folder_base, "splits_final.json")
+    splits_file = join(trainer.preprocessed_dataset_folder_base, SPLITS_JSON)
     if isfile(splits_file):
         splits = load_json(splits_file)
         trainer.print_to_log_file(f"Using splits from existing split file: {splits_file}")
