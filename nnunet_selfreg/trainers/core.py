@@ -13,6 +13,8 @@ another method's trainer:
   request ``_Rep2`` / ``_Rep3``), which is where nnU-Net finds them (docs/discovery.md; other variant
   names of any trainer are answered on demand by :mod:`nnunet_selfreg.trainers.on_demand`); a trainer
   module in a user's ``nnUNet_extTrainer`` folder ends with ``__all__ = define_trainers(globals())``;
+- :func:`checkpoint_entries` for state beyond the network (heads, memories, which weights a loss used):
+  it joins the checkpoint nnU-Net's own ``save_checkpoint`` writes, in that one write;
 - :meth:`attach_feature_taps` and :meth:`detach_feature_taps`, by convention: a trainer whose loss reads
   forward hooks attaches them in the first (``on_train_start`` calls it before the first forward, so a
   ``torch.compile``-d network traces them) and removes them in the second (``on_train_end``); tools that
@@ -24,11 +26,13 @@ docs/extending.md walks through a new method written on this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from nnunet_selfreg.epoch_stats import EpochMeans, EpochStats, format_means, log_epoch_means
 from nnunet_selfreg.trainers.budget import make_budget_variant
@@ -40,6 +44,7 @@ __all__ = [
     "EpochStats",
     "Registration",
     "attach_feature_taps",
+    "checkpoint_entries",
     "define_trainers",
     "detach_feature_taps",
     "epoch_seed",
@@ -78,6 +83,36 @@ def attach_feature_taps(trainer) -> None:
     attach: Callable[[], None] | None = getattr(trainer, "attach_feature_taps", None)
     if attach is not None:
         attach()
+
+
+#: keys of the dict nnU-Net's ``save_checkpoint`` builds (2.8.1): how its checkpoint is told from other saves
+_NNUNET_CHECKPOINT_KEYS = frozenset({"network_weights", "optimizer_state", "current_epoch", "trainer_name"})
+
+
+@contextmanager
+def checkpoint_entries(filename: str, entries: Callable[[], dict]) -> Iterator[None]:
+    """Around ``super().save_checkpoint(filename)``: nnU-Net's checkpoint gains ``entries()``, written once.
+
+    nnU-Net 2.8.1 builds its checkpoint dict and passes it to ``torch.save`` within ``save_checkpoint``,
+    with no method to extend the dict. Copying that method's body would fork nnU-Net's checkpoint
+    format; loading the written file and saving it again doubles the I/O of every checkpoint and leaves,
+    between the two writes, a file the method cannot resume from. Instead, for the duration of the block,
+    the ``torch.save`` of that dict to ``filename`` (and nothing else) adds ``entries()`` (called only
+    then: not on DDP ranks > 0 or with checkpointing disabled, where nnU-Net saves nothing). A wrapper of
+    the whole ``save_checkpoint`` (``sweep``'s atomic writes) still sees a single write.
+    """
+    save = torch.save
+
+    def save_with_entries(obj: object, f: object, *args: Any, **kwargs: Any) -> None:
+        if f == filename and isinstance(obj, dict) and _NNUNET_CHECKPOINT_KEYS <= obj.keys():
+            obj = {**obj, **entries()}
+        save(obj, f, *args, **kwargs)
+
+    torch.save = save_with_entries
+    try:
+        yield
+    finally:
+        torch.save = save
 
 
 def detach_feature_taps(trainer) -> None:

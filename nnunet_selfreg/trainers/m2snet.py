@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
@@ -37,8 +36,13 @@ from nnunet_selfreg.losses.lossnet import (
 from nnunet_selfreg.losses.structure import StructureLoss
 from nnunet_selfreg.networks.m2snet import build_m2snet
 from nnunet_selfreg.nnunet_folders import DEBUG_JSON
-from nnunet_selfreg.outputs import write_file_atomically
-from nnunet_selfreg.trainers.core import epoch_seed, log_epoch_means, register_trainer, validate_weight
+from nnunet_selfreg.trainers.core import (
+    checkpoint_entries,
+    epoch_seed,
+    log_epoch_means,
+    register_trainer,
+    validate_weight,
+)
 from nnunet_selfreg.trainers.progress import install_extended_logger
 
 LOG_KEY = "m2snet_lossnet"
@@ -270,13 +274,14 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing or self.lossnet is None or not isfile(filename):
-            return
-        # nnU-Net's save_checkpoint has no hook for extra entries: record the LossNet weights in the file it wrote
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint[CHECKPOINT_KEY] = {**self.lossnet.provenance(), "weight": self.lossnet_weight}
-        write_file_atomically(filename, lambda tmp: torch.save(checkpoint, tmp))
+        # which LossNet weights the run used joins the checkpoint nnU-Net writes (core.checkpoint_entries)
+        with checkpoint_entries(filename, self._lossnet_checkpoint_entry):
+            super().save_checkpoint(filename)
+
+    def _lossnet_checkpoint_entry(self) -> dict:
+        if self.lossnet is None:
+            return {}
+        return {CHECKPOINT_KEY: {**self.lossnet.provenance(), "weight": self.lossnet_weight}}
 
 
 @register_trainer(timed="all")
