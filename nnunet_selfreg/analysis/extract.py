@@ -328,6 +328,92 @@ def _central_slice(x: Tensor) -> Tensor:
     return x if x.ndim == 2 else x[x.shape[0] // 2]
 
 
+class _StageStatistics:
+    """Running per-stage sums over the cases: CKA moments with ``F_final`` (and shuffled), SCR, channel moments."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.cross = [CrossMoments() for _ in names]
+        self.own: list[ChannelMoments | None] = [None for _ in names]  # a stage's moments if CKA pools it
+        self.scr: list[list[float]] = [[] for _ in names]
+        self.shapes: list[dict] = [{} for _ in names]
+        self.generator = torch.Generator().manual_seed(SEED)
+        self.shuffle_gen = torch.Generator().manual_seed(SEED + 1)
+
+    @torch.no_grad()
+    def add_case(self, features: list[Tensor]) -> None:
+        """One case's tapped maps ``e_1 … e_S, d_1 … d_{S-1}`` (the last is ``F_final``)."""
+        teacher = features[-1].detach().float()
+        for s, f in enumerate(features):
+            f = f.detach().float()
+            self.shapes[s] = {"channels": int(f.shape[1]), "spatial_size": list(f.shape[2:])}
+            a, b = pool_to_common_size(f, teacher)
+            self.shapes[s]["cka_pooled_size"] = list(a.shape[2:])
+            if a.shape != f.shape:  # never in a U-Net (F_final is the largest map), but allowed
+                self.own[s] = (self.own[s] or ChannelMoments()).update(f)
+            flat = b.flatten(2)
+            perm = torch.randperm(flat.shape[2], generator=self.shuffle_gen).to(f.device)
+            self.cross[s].update(a, b, flat[:, :, perm].reshape(b.shape))
+            if s < len(self.names) - 1:  # (a, b) are what the loss pools to: pooling them again is the identity
+                draws = [float(semantic_consistency_loss(a, b, self.generator)) for _ in range(SCR_DRAWS)]
+                self.scr[s].append(float(np.mean(draws)))
+
+    def stages(self) -> list[dict]:
+        """The per-stage numbers over every case added."""
+        out = []
+        for s, name in enumerate(self.names):
+            moments, cross, scr = self.own[s] or self.cross[s].x, self.cross[s], self.scr[s]
+            cov = moments.covariance()
+            out.append(
+                {
+                    "stage": name,
+                    "kind": "encoder" if name.startswith("e") else "decoder",
+                    **self.shapes[s],
+                    "samples": moments.n,
+                    "cka_samples": cross.x.n,
+                    "cka": cross.cka(),
+                    "cka_shuffled": cross.cka(shuffled=True),
+                    "scr": float(np.mean(scr)) if scr else None,
+                    "scr_per_case": scr if scr else None,
+                    "mean_abs_correlation": mean_abs_correlation_of_covariance(cov),
+                    "effective_rank": effective_rank_of_covariance(cov),
+                    "constant_channels": int((~channel_correlation(cov)[1]).sum()),
+                }
+            )
+            out[-1]["effective_rank_ratio"] = out[-1]["effective_rank"] / self.shapes[s]["channels"]
+        return out
+
+
+def _predicted_fractions(logits: Tensor, has_regions: bool) -> dict[str, float]:
+    """Share of the patch each output channel predicts (classes from 1; every region)."""
+    if has_regions:
+        seg = (logits > 0).long()
+        return {str(c): float(seg[:, c].float().mean()) for c in range(logits.shape[1])}
+    seg = logits.argmax(1)
+    return {str(c): float((seg == c).float().mean()) for c in range(1, logits.shape[1])}
+
+
+def _cam_record(identifier: str, x: Tensor, region: Tensor, found: bool, cams: list[Tensor]) -> dict:
+    """Grad-CAM of one case: per stage its peak and the share inside the class region, and maps to display."""
+    stages_cam = []
+    for c in cams:
+        c = c[0]
+        total = float(c.sum())
+        inside = float(c[region].sum()) / total if total > 0 and found else math.nan
+        stages_cam.append({"max": float(c.max()), "fraction_in_region": inside})
+    return {
+        "case": identifier,
+        "region_found": found,
+        "region_fraction": float(region.float().mean()),
+        "stages": stages_cam,
+        "display": {
+            "image": _central_slice(x[0, 0].detach().cpu()).numpy(),
+            "region": _central_slice(region.cpu()).numpy(),
+            "maps": [_central_slice(c[0].cpu()).numpy() for c in cams],
+        },
+    }
+
+
 def analyse_model(
     model: Model,
     inputs: list[tuple[str, Tensor]],
@@ -349,15 +435,8 @@ def analyse_model(
     net = model.network.eval()
     taps = UNetFeatureTaps(capture_eval=True)
     taps.attach(net, min_channels=1)
-    names = stage_names(taps.num_encoder_stages, taps.num_decoder_stages)
-    n_stages = len(names)
-    cross = [CrossMoments() for _ in names]
-    own: list[ChannelMoments | None] = [None for _ in names]  # a stage's moments if CKA pools it
-    scr: list[list[float]] = [[] for _ in names]
-    shapes: list[dict] = [{} for _ in names]
-    generator = torch.Generator().manual_seed(SEED)
-    shuffle_gen = torch.Generator().manual_seed(SEED + 1)
-    lm = model.label_manager
+    statistics = _StageStatistics(stage_names(taps.num_encoder_stages, taps.num_decoder_stages))
+    has_regions = model.label_manager.has_regions
     cases_out: list[dict] = []
     cam: dict = {}
     try:
@@ -372,49 +451,14 @@ def analyse_model(
                     raise RuntimeError("the feature taps captured nothing: is the network a supported U-Net?")
                 features = [*tapped[0], *tapped[1]]
                 if want_cam:
-                    score, region, found = class_score(logits, cam_channel, lm.has_regions)
+                    score, region, found = class_score(logits, cam_channel, has_regions)
                     cams = grad_cam(features, score, size=x.shape[2:])
+            statistics.add_case(features)
             with torch.no_grad():
-                teacher = features[-1].detach().float()
-                for s, f in enumerate(features):
-                    f = f.detach().float()
-                    shapes[s] = {"channels": int(f.shape[1]), "spatial_size": list(f.shape[2:])}
-                    a, b = pool_to_common_size(f, teacher)
-                    shapes[s]["cka_pooled_size"] = list(a.shape[2:])
-                    if a.shape != f.shape:  # never in a U-Net (F_final is the largest map), but allowed
-                        own[s] = (own[s] or ChannelMoments()).update(f)
-                    flat = b.flatten(2)
-                    perm = torch.randperm(flat.shape[2], generator=shuffle_gen).to(device)
-                    cross[s].update(a, b, flat[:, :, perm].reshape(b.shape))
-                    if s < n_stages - 1:  # (a, b) are what the loss pools to: pooling them again is the identity
-                        draws = [float(semantic_consistency_loss(a, b, generator)) for _ in range(SCR_DRAWS)]
-                        scr[s].append(float(np.mean(draws)))
-                seg = logits.argmax(1) if not lm.has_regions else (logits > 0).long()
-                fractions = (
-                    {str(c): float((seg == c).float().mean()) for c in range(1, logits.shape[1])}
-                    if not lm.has_regions
-                    else {str(c): float(seg[:, c].float().mean()) for c in range(logits.shape[1])}
-                )
-                cases_out.append({"case": identifier, "predicted_fraction_per_output_channel": fractions})
+                fractions = _predicted_fractions(logits, has_regions)
+            cases_out.append({"case": identifier, "predicted_fraction_per_output_channel": fractions})
             if want_cam:
-                region = region[0]
-                stages_cam = []
-                for c in cams:
-                    c = c[0]
-                    total = float(c.sum())
-                    inside = float(c[region].sum()) / total if total > 0 and found else math.nan
-                    stages_cam.append({"max": float(c.max()), "fraction_in_region": inside})
-                cam = {
-                    "case": identifier,
-                    "region_found": found,
-                    "region_fraction": float(region.float().mean()),
-                    "stages": stages_cam,
-                    "display": {
-                        "image": _central_slice(x[0, 0].detach().cpu()).numpy(),
-                        "region": _central_slice(region.cpu()).numpy(),
-                        "maps": [_central_slice(c[0].cpu()).numpy() for c in cams],
-                    },
-                }
+                cam = _cam_record(identifier, x, region[0], found, cams)
                 del cams, score
             del logits, features, tapped
             if progress is not None:
@@ -422,28 +466,7 @@ def analyse_model(
                 progress(f"case {k + 1}/{len(inputs)} {identifier} ({time.perf_counter() - t0:.1f} s{extra})")
     finally:
         taps.detach()
-    stages = []
-    for s, name in enumerate(names):
-        moments = own[s] or cross[s].x
-        cov = moments.covariance()
-        stages.append(
-            {
-                "stage": name,
-                "kind": "encoder" if name.startswith("e") else "decoder",
-                **shapes[s],
-                "samples": moments.n,
-                "cka_samples": cross[s].x.n,
-                "cka": cross[s].cka(),
-                "cka_shuffled": cross[s].cka(shuffled=True),
-                "scr": float(np.mean(scr[s])) if scr[s] else None,
-                "scr_per_case": scr[s] if scr[s] else None,
-                "mean_abs_correlation": mean_abs_correlation_of_covariance(cov),
-                "effective_rank": effective_rank_of_covariance(cov),
-                "constant_channels": int((~channel_correlation(cov)[1]).sum()),
-            }
-        )
-        stages[-1]["effective_rank_ratio"] = stages[-1]["effective_rank"] / shapes[s]["channels"]
-    return {"stages": stages, "cases": cases_out, "gradcam": cam}
+    return {"stages": statistics.stages(), "cases": cases_out, "gradcam": cam}
 
 
 def log(message: str) -> None:

@@ -356,20 +356,70 @@ generalises to new animals.
 """
 
 
-def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> dict:
-    import SimpleITK as sitk
-
-    files = read_deb_files(deb, (T1_MEMBER, ATLAS_MEMBER, COPYRIGHT_MEMBER))
+def _read_template(files: dict[str, bytes]):
+    """The T1 template and the atlas as SimpleITK images, their geometry checked against the pinned file's."""
     t1_img, atlas_img = _read_nifti(files[T1_MEMBER]), _read_nifti(files[ATLAS_MEMBER])
     for img in (t1_img, atlas_img):
         if img.GetSize() != SOURCE_SHAPE_XYZ or not np.allclose(img.GetSpacing(), SOURCE_SPACING):
             raise ValueError(f"unexpected INIA19 geometry: size {img.GetSize()}, spacing {img.GetSpacing()}")
-    t1 = sitk.GetArrayFromImage(t1_img).astype(np.float32)
-    atlas = sitk.GetArrayFromImage(atlas_img)
+    return t1_img, atlas_img
+
+
+def _largest_structures(atlas: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(every structure ranked, the NUM_LARGEST largest), the latter checked against EXPECTED_LARGEST."""
     ranking = rank_structures(atlas)
     largest = ranking[:NUM_LARGEST]
     if tuple(largest) != EXPECTED_LARGEST:
         raise ValueError(f"the {NUM_LARGEST} largest NeuroMaps structures are {largest}, not {EXPECTED_LARGEST}")
+    return ranking, largest
+
+
+def _write_cases(folder: Path, t1_out, seg_img, seg: np.ndarray, blocks, block: int, n_labels: int):
+    """One image and one label file per block; returns per class its voxels in the cases and its cases."""
+    import SimpleITK as sitk
+
+    (folder / IMAGES_TR).mkdir(parents=True)
+    (folder / LABELS_TR).mkdir()
+    in_cases = np.zeros(n_labels, dtype=np.int64)
+    cases_with = np.zeros(n_labels, dtype=np.int64)
+    for z, y, x in blocks:
+        case = _case_name((z, y, x), block)
+        crop = (slice(x, x + block), slice(y, y + block), slice(z, z + block))  # SimpleITK indexes (x, y, z)
+        sitk.WriteImage(t1_out[crop], str(folder / IMAGES_TR / image_file_name(case, ".nii.gz")))
+        sitk.WriteImage(seg_img[crop], str(folder / LABELS_TR / f"{case}.nii.gz"))
+        counts = np.bincount(seg[z : z + block, y : y + block, x : x + block].ravel(), minlength=n_labels)
+        in_cases += counts
+        cases_with += counts > 0
+    return in_cases, cases_with
+
+
+def _dataset_json(folder: Path, labels: dict[str, int], n_blocks: int, block: int) -> dict:
+    return {
+        "channel_names": {"0": "T1"},
+        "labels": labels,
+        "numTraining": n_blocks,
+        "file_ending": ".nii.gz",
+        "name": folder.name.split("_", 1)[1],
+        "description": (
+            f"INIA19 rhesus macaque T1 template with NeuroMaps atlas labels (Debian {DEB_NAME}), cut into "
+            f"{n_blocks} non-overlapping {block}^3 blocks of 0.5 mm voxels; classes: the {NUM_LARGEST} largest "
+            "NeuroMaps structures (hemispheres merged) and all other structures. One template: a proxy, not a "
+            "clinical benchmark."
+        ),
+        "reference": "Rohlfing et al., Front. Neuroinform. 6:27 (2012), doi:10.3389/fninf.2012.00027",
+        "licence": "not stated for the templates in the Debian package; see README.md and the upstream NITRC terms",
+        "source": f"{DEB_NAME} sha256 {DEB_SHA256}",
+    }
+
+
+def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> dict:
+    import SimpleITK as sitk
+
+    files = read_deb_files(deb, (T1_MEMBER, ATLAS_MEMBER, COPYRIGHT_MEMBER))
+    t1_img, atlas_img = _read_template(files)
+    t1 = sitk.GetArrayFromImage(t1_img).astype(np.float32)
+    atlas = sitk.GetArrayFromImage(atlas_img)
+    ranking, largest = _largest_structures(atlas)
     structures = [sid for sid, _ in largest]
     labels = class_table(largest)
     seg = group_labels(atlas, structures)
@@ -382,18 +432,7 @@ def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> 
     seg_img.CopyInformation(atlas_img)
     t1_out = sitk.GetImageFromArray(t1)
     t1_out.CopyInformation(t1_img)
-    (folder / IMAGES_TR).mkdir(parents=True)
-    (folder / LABELS_TR).mkdir()
-    in_cases = np.zeros(len(labels), dtype=np.int64)
-    cases_with = np.zeros(len(labels), dtype=np.int64)
-    for z, y, x in blocks:
-        case = _case_name((z, y, x), block)
-        crop = (slice(x, x + block), slice(y, y + block), slice(z, z + block))  # SimpleITK indexes (x, y, z)
-        sitk.WriteImage(t1_out[crop], str(folder / IMAGES_TR / image_file_name(case, ".nii.gz")))
-        sitk.WriteImage(seg_img[crop], str(folder / LABELS_TR / f"{case}.nii.gz"))
-        counts = np.bincount(seg[z : z + block, y : y + block, x : x + block].ravel(), minlength=len(labels))
-        in_cases += counts
-        cases_with += counts > 0
+    in_cases, cases_with = _write_cases(folder, t1_out, seg_img, seg, blocks, block, len(labels))
     atlas_counts = np.bincount(seg.ravel(), minlength=len(labels))
     names = list(labels)
     other_ids = f"the other {len(ranking) - NUM_LARGEST} structures (both hemispheres)"
@@ -415,23 +454,7 @@ def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> 
         "face_stats": neighbour_face_stats(t1, seg, blocks, block),
         "cases": {_case_name(b, block): list(b) for b in blocks},
     }
-    dataset_json = {
-        "channel_names": {"0": "T1"},
-        "labels": labels,
-        "numTraining": len(blocks),
-        "file_ending": ".nii.gz",
-        "name": folder.name.split("_", 1)[1],
-        "description": (
-            f"INIA19 rhesus macaque T1 template with NeuroMaps atlas labels (Debian {DEB_NAME}), cut into "
-            f"{len(blocks)} non-overlapping {block}^3 blocks of 0.5 mm voxels; classes: the {NUM_LARGEST} largest "
-            "NeuroMaps structures (hemispheres merged) and all other structures. One template: a proxy, not a "
-            "clinical benchmark."
-        ),
-        "reference": "Rohlfing et al., Front. Neuroinform. 6:27 (2012), doi:10.3389/fninf.2012.00027",
-        "licence": "not stated for the templates in the Debian package; see README.md and the upstream NITRC terms",
-        "source": f"{DEB_NAME} sha256 {DEB_SHA256}",
-    }
-    (folder / DATASET_JSON).write_text(json.dumps(dataset_json, indent=2))
+    (folder / DATASET_JSON).write_text(json.dumps(_dataset_json(folder, labels, len(blocks), block), indent=2))
     copyright_text = files[COPYRIGHT_MEMBER].decode("utf-8", errors="replace")
     readme = _readme(info, copyright_text)
     (folder / "README.md").write_text(readme)
