@@ -1,7 +1,7 @@
 """The GPU check script's CPU dry run: every section runs, and summary.json has a finite row per method.
 
-``benchmarks/device_check.sh`` does all GPU checks in one command on a lent GPU machine, which few
-sessions get. Its ``--dry-run`` runs the same sections on the CPU with tiny sizes (no AMP or
+``benchmarks/device_check.sh`` does all GPU checks in one command on a GPU machine, which is not
+always available. Its ``--dry-run`` runs the same sections on the CPU with tiny sizes (no AMP or
 compile, one step per trainer, one epoch of two iterations), so that the script, step_cost.py's
 ``--variants all`` / ``--max-seconds`` paths, the training-log parsing (the hooks check) and the
 summary stay working between GPU runs.
