@@ -163,16 +163,19 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
 
 
 @contextlib.contextmanager
-def _training_loader_from(dataset_tr, make_loader: Callable[..., MixedBatchDataLoader]) -> Iterator[list]:
-    """Within the block, nnU-Net's ``get_dataloaders`` builds the loader of ``dataset_tr`` with ``make_loader``.
+def _training_loader_from(
+    is_training_data: Callable[[object], bool], make_loader: Callable[..., MixedBatchDataLoader]
+) -> Iterator[list]:
+    """Within the block, nnU-Net's ``get_dataloaders`` builds the training loader with ``make_loader``.
 
     nnU-Net 2.8.1 constructs both loaders inside ``get_dataloaders`` from its trainer module's name
     ``nnUNetDataLoader``, and offers no attribute or method that chooses the class. The alternatives are
     worse: copying that method (transforms, augmenter processes, warm-up) forks nnU-Net's code, and
     replacing the loader after it returns means starting and discarding a pool of augmentation workers
     that already hold the stock loader. So, for the duration of that one call, the name answers the
-    training dataset with ``make_loader`` and everything else (the validation loader) with nnU-Net's
-    class. Yields the loaders made by ``make_loader``.
+    training dataset (``is_training_data``: the datasets are made inside the same call) with
+    ``make_loader`` and everything else (the validation loader) with nnU-Net's class. Yields the
+    loaders made by ``make_loader``.
     """
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
@@ -180,7 +183,7 @@ def _training_loader_from(dataset_tr, make_loader: Callable[..., MixedBatchDataL
     made: list = []
 
     def loader(data, *args, **kwargs):
-        if data is not dataset_tr:
+        if not is_training_data(data):
             return stock(data, *args, **kwargs)
         made.append(make_loader(data, *args, **kwargs))
         return made[-1]
@@ -359,7 +362,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         )
 
     def get_dataloaders(self):
-        with _training_loader_from(self._ssnet_dataset_tr, self.mixed_batch_loader) as made:
+        with _training_loader_from(lambda data: data is self._ssnet_dataset_tr, self.mixed_batch_loader) as made:
             loaders = super().get_dataloaders()
         if not made:
             raise RuntimeError("nnU-Net built no training loader via nnUNetDataLoader: unsupported nnunetv2 version")
