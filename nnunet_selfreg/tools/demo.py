@@ -32,9 +32,9 @@ from nnunet_selfreg.nnunet_folders import (
 
 DEFAULT_TRAINERS = ("nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget")
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
-#: default budget: 5 folds x 2 trainers fit in about 15 minutes on a 2-core CPU (docs/demo.md)
+#: default budget: 5 folds x 2 arms x 2 runs, two trainings at a time, within 15 minutes on a 2-core CPU (docs/demo.md)
 DEFAULT_EPOCHS = 4
-DEFAULT_ITERATIONS = 30
+DEFAULT_ITERATIONS = 20
 DEFAULT_VAL_ITERATIONS = 5
 #: training runs per arm: two, so that compare can weigh a method difference against run-to-run noise
 DEFAULT_REPEATS = 2
@@ -354,29 +354,25 @@ def runs_of(trainers: list[str], repeats: int) -> list[str]:
     return [run_name(t, k) for t in trainers for k in range(1, repeats + 1)]
 
 
-def run(args: argparse.Namespace) -> int:
-    t0 = time.time()
-    workdir = Path(args.workdir).resolve()
-    configuration = CONFIGURATIONS[args.dataset]
-    given = (args.epochs, args.iterations, args.val_iterations)
-    budget = tuple(d if g is None else g for g, d in zip(given, DEFAULT_BUDGETS[args.dataset], strict=True))
-    trainers = list(args.trainers)
-    if len(trainers) < 2:
+def checked_trainers(names: list[str]) -> list[str]:
+    """The arms, baseline first: at least two, each a ``*_Budget`` trainer (the demo sets their budget)."""
+    if len(names) < 2:
         raise UserError("--trainers needs at least two trainers: the first is the baseline")
-    fixed = [t for t in trainers if not t.endswith("_Budget")]
+    fixed = [t for t in names if not t.endswith("_Budget")]
     if fixed:
         raise UserError(
             f"the demo gives every trainer the same budget through the *_Budget trainers; {', '.join(fixed)} "
             "has a fixed budget (use e.g. nnUNetTrainerSelfReg_SCROnly_Budget, or nnunet-selfreg compare "
             "on your own runs)"
         )
-    device = _device(args.device)
-    workers = args.workers or default_workers(device)
-    folders = setup_folders(workdir, args.use_my_nnunet_folders)
-    announce_folders(workdir, folders)
+    return list(names)
+
+
+def announce_plan(args: argparse.Namespace, trainers: list[str], budget: tuple, workers: int, device: str) -> None:
+    """One line with the whole grid before anything runs; with one run per arm, what that cannot show."""
     n_trainings = len(args.folds) * len(trainers) * args.repeats
     _say(
-        f"plan: {args.dataset} ({configuration}), {len(trainers)} arms ({', '.join(trainers)}) x "
+        f"plan: {args.dataset} ({CONFIGURATIONS[args.dataset]}), {len(trainers)} arms ({', '.join(trainers)}) x "
         f"{args.repeats} run(s) x {len(args.folds)} fold(s) = {n_trainings} trainings of "
         f"{budget[0]} epochs x {budget[1]} iterations, {workers} at a time, device {device}"
     )
@@ -385,6 +381,34 @@ def run(args: argparse.Namespace) -> int:
             "one run per arm: the report can compare these trained models, but cannot tell a method's effect "
             "from training noise (two runs of one command differ as much); --repeats 2 or more for that"
         )
+
+
+def compare_runs(args: argparse.Namespace, dataset: Path, folders: Folders, trainers: list[str], report: Path) -> int:
+    """``nnunet-selfreg compare`` of every run of every arm (runs of one arm as replicates) into ``report``."""
+    for var, value in zip(NNUNET_VARS, (folders.raw, folders.preprocessed, folders.results), strict=True):
+        os.environ[var] = str(value)
+    from nnunet_selfreg.tools.main import main as cli
+
+    compare_args = ["compare", "-d", dataset.name, "-c", CONFIGURATIONS[args.dataset]]
+    compare_args += ["-tr", *runs_of(trainers, args.repeats), "-f", *map(str, args.folds), "-o", str(report)]
+    compare_args += ["-np", "2"]
+    if args.dataset == "dsb2018":  # nuclei are objects: F1 / PQ / AJI of the nucleus label's connected components
+        compare_args += ["--instances", "1"]
+    return cli(compare_args)
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    workdir = Path(args.workdir).resolve()
+    configuration = CONFIGURATIONS[args.dataset]
+    given = (args.epochs, args.iterations, args.val_iterations)
+    budget = tuple(d if g is None else g for g, d in zip(given, DEFAULT_BUDGETS[args.dataset], strict=True))
+    trainers = checked_trainers(args.trainers)
+    device = _device(args.device)
+    workers = args.workers or default_workers(device)
+    folders = setup_folders(workdir, args.use_my_nnunet_folders)
+    announce_folders(workdir, folders)
+    announce_plan(args, trainers, budget, workers, device)
     cache = Path(args.cache) if args.cache else None
     if cache is None:
         from nnunet_selfreg.data.dsb2018 import default_cache_dir
@@ -398,32 +422,9 @@ def run(args: argparse.Namespace) -> int:
     train_all(
         dataset, folders, trainers, list(args.folds), device, budget, env, logs, configuration, args.repeats, workers
     )
-
     report = _free_report_dir(workdir)
     _say(f"comparing with nnunet-selfreg compare -> {report}")
-    for var, value in zip(NNUNET_VARS, (folders.raw, folders.preprocessed, folders.results), strict=True):
-        os.environ[var] = str(value)
-    from nnunet_selfreg.tools.main import main as cli
-
-    code = cli(
-        [
-            "compare",
-            "-d",
-            dataset.name,
-            "-c",
-            configuration,
-            "-tr",
-            *runs_of(trainers, args.repeats),
-            "-f",
-            *map(str, args.folds),
-            "-o",
-            str(report),
-            "-np",
-            "2",
-            # nuclei are objects: F1 / PQ / AJI of the nucleus label's connected components
-            *(["--instances", "1"] if args.dataset == "dsb2018" else []),
-        ]
-    )
+    code = compare_runs(args, dataset, folders, trainers, report)
     _say(f"done in {(time.time() - t0) / 60:.1f} min; report: {report / 'report.md'}")
     return code
 
