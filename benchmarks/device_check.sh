@@ -31,30 +31,30 @@
 #   predict  35  nnUNetv2_predict of 2 cases with the trained model (nnUNet_compile=f: the compiled
 #                network's sliding-window prediction already ran in the training's final validation).
 #
-# Output, in the folder given as the argument, else $OUT (the device tool brings $OUT back, at most
-# 8 files): summary.json (always written, also when a section fails or times out; the exit status
+# Output, in the folder given as the argument, else $OUT (8 files at most, so that the folder is quick
+# to copy back): summary.json (always written, also when a section fails or times out; the exit status
 # is 0 only if it says "ok": true), device_check.log (everything printed), step_cost_3d_fullres.json,
 # step_cost_2d.json, nnunet_training_log.txt. docs/performance.md says how to read them. The last
 # lines printed are a short table.
 #
-# Run on the GPU machine (one call of the device tool, from the repository root, after
-# `bash benchmarks/device_wheels.sh` here; timeout_s leaves a minute for the machine's start):
-#   run(command="bash benchmarks/device_check.sh", carry=[".device_wheels"], timeout_s=540)
+# Run on the GPU machine, from the repository root of a checkout that holds .device_wheels (made by
+# `bash benchmarks/device_wheels.sh` on a machine with PyPI), with a limit of 9 minutes (a minute is
+# left for the machine's start):
+#   OUT=/path/to/results bash benchmarks/device_check.sh
 # Dry run on any machine (CPU, tiny sizes, no AMP / compile, 1 step; tests/test_device_check.py):
 #   bash benchmarks/device_check.sh --dry-run OUTDIR
 #
 # Wheels: the H200 image has Python 3.12 with torch, torchvision, triton, numpy, scipy, scikit-image,
-# scikit-learn, pandas, matplotlib, tifffile, einops, timm, httpx, msgpack, rich (the device tool's
-# docs), but not nnU-Net. benchmarks/device_wheels.sh fetches the 11 wheels it lacks: nnunetv2 2.8.1,
+# scikit-learn, pandas, matplotlib, tifffile, einops, timm, httpx, msgpack, rich (as the image lists
+# them), but not nnU-Net. benchmarks/device_wheels.sh fetches the 11 wheels it lacks: nnunetv2 2.8.1,
 # acvl-utils, batchgenerators, batchgeneratorsv2, dynamic-network-architectures, blosc2, ndindex,
 # SimpleITK, nibabel, connected-components-3d, and timm 1.0.22 (pinned below 1.0.23 by
 # dynamic-network-architectures; the image's version is unknown). As downloaded they take 69.2 MiB
-# (SimpleITK alone 50.3 MiB), more than the 64 MiB a call may carry with the checkout, so
-# device_wheels.sh recompresses SimpleITK's wheel with LZMA (still a wheel: pip reads LZMA zip
+# (SimpleITK alone 50.3 MiB), more than the 64 MiB the checkout copied to the GPU machine may hold,
+# so device_wheels.sh recompresses SimpleITK's wheel with LZMA (still a wheel: pip reads LZMA zip
 # members) to 27.4 MiB: 46.3 MiB in all (measured 2026-12-03). If the set ever stops fitting, the
-# alternative is two calls, the second within the 30 s the machine stays warm: the first carries
-# SimpleITK's wheel alone and installs it into an ignored folder of the checkout, which stays on the
-# machine because the second call does not name it in carry; the second carries the rest.
+# alternative is two copies in a row: the first holds SimpleITK's wheel alone and installs it into an
+# ignored folder of the checkout on that machine, the second holds the rest.
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed 's/^# \{0,1\}//;$d'; }
@@ -173,7 +173,7 @@ install_wheels() {
   local wheels="$REPO/.device_wheels"
   if [[ ! -f "$wheels/requirements.txt" ]]; then
     echo "no $wheels/requirements.txt: run 'bash benchmarks/device_wheels.sh' in the checkout and name" \
-      ".device_wheels in the device tool's carry"
+      ".device_wheels in the checkout that runs on the GPU machine"
     return 2
   fi
   "$PY" -m pip install -q --no-index --find-links "$wheels" --no-deps --no-compile --no-cache-dir \
@@ -276,7 +276,7 @@ for config in ("3d_fullres", "2d"):
     for v in r.get("variants", []):
         if v in wall:
             s = wall[v]
-            rows[v] = {"trainer": r["trainers"].get(v, v), "median_step_s": s["median_s"], "iqr_s": s["iqr_s"],
+            rows[v] = {"trainer": v, "median_step_s": s["median_s"], "iqr_s": s["iqr_s"],
                        "paired_ratio": s["paired_ratio_median"], "ratio_of_medians": s["ratio_of_medians"],
                        "steps": s["n"]}
             if v in mem:
@@ -285,7 +285,7 @@ for config in ("3d_fullres", "2d"):
             if not all(finite(x) for k, x in rows[v].items() if k != "trainer"):
                 problems.append(f"step_cost {config} {v}: non-finite numbers")
         else:
-            rows[v] = {"trainer": r["trainers"].get(v, v), "error": r.get("errors", {}).get(v, "not measured")}
+            rows[v] = {"trainer": v, "error": r.get("errors", {}).get(v, "not measured")}
             problems.append(f"step_cost {config} {v}: {rows[v]['error'][:200]}")
     step_cost[config] = {"device": r.get("device"), "plans": r.get("plans"), "batch_size": r.get("batch_size"),
                          "amp": r.get("amp"), "compile": r.get("compile"), "rounds": r.get("rounds"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the wheels that benchmarks/device_check.sh installs on the bare GPU machine, into .device_wheels/.
 #
-# The device tool's H200 image (Python 3.12, x86_64) has torch, torchvision, triton, numpy, scipy,
+# The GPU machine's H200 image (Python 3.12, x86_64) has torch, torchvision, triton, numpy, scipy,
 # scikit-image, scikit-learn, pandas, matplotlib, tifffile, einops, timm, httpx, msgpack, rich and
 # threadpoolctl, but no nnU-Net, and nothing can be downloaded there. PACKAGES below are the
 # distributions that nnU-Net's plan/preprocess, train and predict and our trainers import and that
@@ -13,13 +13,13 @@
 # --no-deps: exactly these, nothing else.
 #
 # acvl-utils is published as a source archive only: it is pure Python, so its wheel is built here.
-# The call that runs device_check.sh may carry 64 MiB with the checkout; as downloaded the set is
+# The checkout copied to the GPU machine may hold 64 MiB in all; as downloaded the set is
 # over that (SimpleITK's wheel alone is 50 MiB), so the largest wheels are recompressed with LZMA,
 # largest first, until the set fits BUDGET_MIB. They stay wheels (pip reads LZMA zip members;
 # file contents and the RECORD hashes are unchanged), which takes a few minutes of CPU here.
 #
 # Usage, from anywhere (needs pip and PyPI): bash benchmarks/device_wheels.sh
-# Then name .device_wheels in the device tool's carry (see benchmarks/device_check.sh).
+# Then copy .device_wheels with the checkout to the GPU machine (see benchmarks/device_check.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

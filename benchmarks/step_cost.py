@@ -2,10 +2,12 @@
 
 Builds nnU-Net plans with nnU-Net's own experiment planners (``ExperimentPlanner`` or
 ``nnUNetPlannerResEncM``) for a synthetic dataset whose median image is the patch, instantiates the
-real trainers (``nnUNetTrainer``, ``nnUNetTrainerSelfReg`` and its SCR-only / IFD-only ablations; on
-request SS-Net and M2SNet with and without LossNet, ``--variants all`` for every one) on those plans,
-and runs each trainer's own ``train_step`` (SGD with nnU-Net's settings, gradient clipping at 12,
-Dice+CE with deep supervision, plus the method's terms) on identical synthetic batches. The variants
+real trainers on those plans: the stock ``nnUNetTrainer`` and the trainers the registry marks
+``timed`` (``register_trainer(timed=...)``: ``nnUNetTrainerSelfReg`` and its SCR-only / IFD-only
+ablations by default; with ``--variants all`` also SS-Net and M2SNet with and without LossNet; any
+registered trainer by name), and runs each trainer's own ``train_step`` (SGD with nnU-Net's settings,
+gradient clipping at 12, Dice+CE with deep supervision, plus the method's terms) on identical
+synthetic batches. The variants
 alternate step by step in one process (rotating the order every round), so a shared or throttled
 machine slows all of them alike.
 
@@ -64,19 +66,25 @@ import torch.nn.functional as F
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID}_StepCost"
 NUM_CLASSES = 3  # background + 2 foreground labels
-VARIANTS = ("nnUNetTrainer", "SelfReg", "SCROnly", "IFDOnly")
-# on request (--variants NAME ... or --variants all); SSNet: half of each batch counts as unlabelled
-EXTRA_VARIANTS = ("SSNet", "M2SNet", "M2SNetNoLossNet")
-ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
-TRAINER_NAMES = {
-    "nnUNetTrainer": "nnUNetTrainer",
-    "SelfReg": "nnUNetTrainerSelfReg",
-    "SCROnly": "nnUNetTrainerSelfReg_SCROnly",
-    "IFDOnly": "nnUNetTrainerSelfReg_IFDOnly",
-    "SSNet": "nnUNetTrainerSSNet",
-    "M2SNet": "nnUNetTrainerM2SNet_RandomLossNet",  # random VGG-16 LossNet: the ImageNet one's cost, no file
-    "M2SNetNoLossNet": "nnUNetTrainerM2SNet_NoLossNet",
-}
+BASELINE = "nnUNetTrainer"  # nnU-Net's stock trainer: every ratio is to it, so it is always timed
+
+
+def registered_names() -> list[str]:
+    """Every trainer the package registers (nnU-Net's stock one included), in registration order."""
+    import nnunet_selfreg.trainers  # noqa: F401  (imports every trainer module: the registry is complete)
+    from nnunet_selfreg.trainers.core import registered_trainers
+
+    return [r.cls.__name__ for r in registered_trainers()]
+
+
+def timed_names(which: str) -> list[str]:
+    """The trainers registered as ``timed``: the ``"default"`` ones, with ``which="all"`` also the ``"all"`` ones."""
+    from nnunet_selfreg.trainers.core import registered_trainers
+
+    registered_names()
+    groups = ("default",) if which == "default" else ("default", "all")
+    names = [r.cls.__name__ for group in groups for r in registered_trainers() if r.timed == group]
+    return list(dict.fromkeys([BASELINE, *names]))
 
 
 @dataclass(frozen=True)
@@ -213,25 +221,15 @@ class Setup:
     lossnet_max_slices: int | None = None  # M2SNet 3D: None keeps the trainer's (8)
 
 
-def trainer_class(variant: str) -> type:
-    """The trainer class timed as ``variant`` (see ``TRAINER_NAMES``): the stock one or one we export."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+def trainer_class(name: str) -> type:
+    """The registered trainer class called ``name`` (nnU-Net's stock one or one of ours)."""
+    from nnunet_selfreg.trainers.core import registered_trainers
 
-    import nnunet_selfreg.trainers as trainers
-
-    name = TRAINER_NAMES[variant]
-    if name == nnUNetTrainer.__name__:
-        return nnUNetTrainer
-    if name not in trainers.__all__:
-        raise LookupError(f"the trainer {name} does not exist in nnunet_selfreg.trainers")
-    return getattr(trainers, name)
-
-
-def trainer_name(variant: str) -> str:
-    try:
-        return trainer_class(variant).__name__
-    except Exception:  # missing, or the trainers do not import: build_trainer reports why
-        return TRAINER_NAMES[variant]
+    registered_names()
+    for registration in registered_trainers():
+        if registration.cls.__name__ == name:
+            return registration.cls
+    raise LookupError(f"no trainer {name} is registered in nnunet_selfreg.trainers")
 
 
 def build_trainer(setup: Setup, variant: str):
@@ -424,6 +422,8 @@ def time_steps(
     the warm-up rounds (where ``torch.compile`` compiles each network) end at 70 % of the time left:
     a variant without a finished warm-up step by then is dropped, so that the others still get timed.
     """
+    from nnunet_selfreg.trainers.core import detach_feature_taps
+
     run = run if run is not None else StepRun()
     cuda = setup.device.startswith("cuda")
     t_start = time.perf_counter()
@@ -458,10 +458,10 @@ def time_steps(
             except TimeBudgetExceeded:
                 raise
             except Exception as e:
-                why = _error(f"{trainer_name(v)} train_step (round {r + 1})", e)
-                if v == "nnUNetTrainer":
+                why = _error(f"{v} train_step (round {r + 1})", e)
+                if v == BASELINE:
                     run.errors[v] = why
-                    raise RuntimeError(f"the baseline nnUNetTrainer failed: {why}") from e
+                    raise RuntimeError(f"the baseline {BASELINE} failed: {why}") from e
                 drop(v, why)
         cells = " | ".join(f"{v} {row[v][0]:.3f}s (cpu {row[v][1]:.3f}s)" for v in active if v in row)
         phase = f"step {r - warmup + 1}/{steps}" if timed_round else f"warm-up {r + 1}/{warmup}"
@@ -473,16 +473,16 @@ def time_steps(
             if past(deadline):
                 run.errors[v] = "not built: --max-seconds ran out"
                 continue
-            log(f"  building {trainer_name(v)} ...")
+            log(f"  building {v} ...")
             try:
                 trainers[v] = build_trainer(setup, v)
             except TimeBudgetExceeded:
                 raise
             except Exception as e:
-                run.errors[v] = _error(f"building {trainer_name(v)}", e)
-        if "nnUNetTrainer" not in trainers:
-            raise RuntimeError(f"the baseline nnUNetTrainer could not be built: {run.errors.get('nnUNetTrainer')}")
-        batches = make_batches(setup, trainers["nnUNetTrainer"])
+                run.errors[v] = _error(f"building {v}", e)
+        if BASELINE not in trainers:
+            raise RuntimeError(f"the baseline {BASELINE} could not be built: {run.errors.get(BASELINE)}")
+        batches = make_batches(setup, trainers[BASELINE])
         active.extend(trainers)
         run.times = {"wall": {v: [] for v in active}, "cpu": {v: [] for v in active}}
         run.cuda_step_increase_mib = {v: [] for v in active} if cuda else {}
@@ -511,10 +511,7 @@ def time_steps(
         for v, t in trainers.items():
             if cuda:
                 run.cuda_resident_mib[v] = resident_cuda_mib(t)
-            if hasattr(t, "selfreg_taps"):
-                t.selfreg_taps.detach()
-            if hasattr(t, "ssnet_tap"):
-                t.ssnet_tap.detach()
+            detach_feature_taps(t)
     return run
 
 
@@ -568,12 +565,12 @@ def measure_memory(
     """Peak memory per variant from one fresh child process each; a failing child's error goes to ``errors``."""
     result = {}
     for v in variants:
-        log(f"  memory: {trainer_name(v)} ({steps} steps in a fresh child process) ...")
+        log(f"  memory: {v} ({steps} steps in a fresh child process) ...")
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
                 result[v] = pool.submit(memory_child, setup, v, steps).result()
         except Exception as e:
-            errors[v] = _error(f"memory child of {trainer_name(v)}", e)
+            errors[v] = _error(f"memory child of {v}", e)
             continue
         log("    " + ", ".join(f"{k} {x:.0f}" for k, x in result[v].items() if not isinstance(x, bool)))
     return result
@@ -626,7 +623,7 @@ def time_inference(
                 trainer.configuration_manager,
                 None,
                 setup.dataset_json,
-                "nnUNetTrainer",
+                BASELINE,
                 trainer.inference_allowed_mirroring_axes,
             )
         predictors[name] = p
@@ -702,15 +699,14 @@ def markdown(result: dict) -> str:
     key = "cuda_max_allocated_mib" if dev["type"] == "cuda" else "rss_step_increase_mib"
     if not mem and result.get("cuda_memory"):  # no children: the in-process CUDA peaks
         mem, key = result["cuda_memory"], "peak_mib"
-    m0 = mem.get("nnUNetTrainer", {}).get(key)
-    names = result.get("trainers", {})
+    m0 = mem.get(BASELINE, {}).get(key)
     for v in result["step_time"].get("wall", {}):
         m = mem.get(v, {}).get(key)
         mtxt = f"{m:.0f} | {m / m0:.3f}" if m is not None and m0 else "– | –"
         cells = " | ".join(_cells(result["step_time"][c][v]) for c in clocks)
-        lines.append(f"| {names.get(v, v)} | {cells} | {mtxt} |")
+        lines.append(f"| {v} | {cells} | {mtxt} |")
     for v, why in result.get("errors", {}).items():
-        lines.append(f"| {names.get(v, v)} | not measured: {why.splitlines()[0][:200]} |")
+        lines.append(f"| {v} | not measured: {why.splitlines()[0][:200]} |")
     lines += [
         "",
         "× paired: median (IQR) over rounds of this trainer's step time divided by nnUNetTrainer's in the same "
@@ -790,10 +786,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=(*ALL_VARIANTS, "all"),
-        default=list(VARIANTS),
-        help="trainers to compare (default: the SelfReg ones; nnUNetTrainer is always included; SSNet, M2SNet "
-        "(random LossNet, same cost as the ImageNet one) and M2SNetNoLossNet on request; all: every one)",
+        choices=(*registered_names(), "all"),
+        default=timed_names("default"),
+        metavar="TRAINER",
+        help="registered trainers to compare (default: those registered with timed='default', the SelfReg ones; "
+        f"{BASELINE} is always included; all: also those with timed='all', SS-Net and M2SNet with a random "
+        "LossNet (the ImageNet one's cost, no weights file) and without LossNet)",
     )
     p.add_argument(
         "--amp",
@@ -850,8 +848,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (40 if cuda else 20)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     if "all" in args.variants:
-        args.variants = list(ALL_VARIANTS)
-    args.variants = list(dict.fromkeys(["nnUNetTrainer", *args.variants]))
+        args.variants = timed_names("all")
+    args.variants = list(dict.fromkeys([BASELINE, *args.variants]))
     if args.threads is None:
         args.threads = 0 if cuda else 1
     if args.threads < 0:
@@ -864,8 +862,8 @@ def record_steps(result: dict[str, Any], run: StepRun, variants: Sequence[str]) 
     measured = [v for v, ts in run.times["wall"].items() if run.rounds and len(ts) == run.rounds]
     result["rounds"] = run.rounds
     result["step_time"] = (
-        summarise({c: {v: run.times[c][v] for v in measured} for c in run.times}, "nnUNetTrainer")
-        if "nnUNetTrainer" in measured
+        summarise({c: {v: run.times[c][v] for v in measured} for c in run.times}, BASELINE)
+        if BASELINE in measured
         else {}
     )
     result["step_time_raw_s"] = {c: {v: run.times[c][v] for v in measured} for c in run.times}
@@ -889,7 +887,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "config": args.config,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "variants": list(args.variants),
-        "trainers": {v: trainer_name(v) for v in args.variants},
         "amp": args.amp,
         "compile": args.compile,
         "steps": args.steps,
@@ -938,7 +935,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if not args.no_inference and measured and not out_of_time:
                 log("inference:")
                 with contextlib.redirect_stdout(io.StringIO()):
-                    trainer = build_trainer(setup, "nnUNetTrainer")
+                    trainer = build_trainer(setup, BASELINE)
                 inf_times, max_abs_diff, shape = time_inference(
                     setup, trainer, args.infer_repeats, args.case_scale, args.mirroring
                 )

@@ -1,7 +1,7 @@
 """Writing results without ever leaving a half-written file or folder behind.
 
-Shared by ``compare`` and ``analyze`` (report folders), ``export-stock`` (checkpoint copies) and the
-SS-Net trainer (its checkpoint entry and the splits file).
+Shared by ``compare`` and ``analyze`` (report folders, the metric cache), ``export-stock`` (checkpoint
+copies), ``sweep`` (its manifest) and the SS-Net trainer (the splits file).
 """
 
 from __future__ import annotations

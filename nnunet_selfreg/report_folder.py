@@ -1,5 +1,6 @@
 """What the report folders of ``compare`` and ``analyze`` share: strict ``results.json``, markdown tables,
-matplotlib without a display, package versions, and the folder written as a whole.
+matplotlib without a display, package versions (also for ``doctor`` and the sweep manifest), and the folder written
+as a whole.
 
 Each tool keeps what its report says (:mod:`nnunet_selfreg.evaluation.comparison_report`,
 :mod:`nnunet_selfreg.analysis.analysis_report`); how a report folder is written is the same for both and lives here.

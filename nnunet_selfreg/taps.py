@@ -8,7 +8,7 @@ architectures' ``PlainConvUNet``, ``ResidualEncoderUNet``, ``ResidualUNet`` and 
 own network declares itself in a few lines, either with a method on the class::
 
     class MyUNet(nn.Module):
-        def selfreg_tap_points(self) -> TapPoints:
+        def feature_tap_points(self) -> TapPoints:
             return TapPoints(encoder=tuple(self.down_blocks), decoder=tuple(self.up_blocks))
 
 or, for a class one cannot edit, with :func:`declare_taps`::
@@ -29,6 +29,7 @@ compiled call are not traced into the graph.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,12 @@ DECLARATION_RECIPE = """Declare where its features are, in a few lines (see docs
             decoder=tuple(net.decoder_blocks),   # d_1 ... d_{S-1}, coarse to fine; the last = teacher F_final
         )
 
-(or give MyNetwork a method selfreg_tap_points(self) returning the same TapPoints)."""
+(or give MyNetwork a method feature_tap_points(self) returning the same TapPoints)."""
+
+#: the method a network class may define to declare its tap points (read by SelfReg, SS-Net and analyze)
+DECLARATION_METHOD = "feature_tap_points"
+#: its former name, still honoured with a DeprecationWarning so that a user's declaration keeps working
+DEPRECATED_DECLARATION_METHOD = "selfreg_tap_points"
 
 
 class UnsupportedArchitectureError(TypeError):
@@ -192,11 +198,28 @@ def _builtin_declarations() -> None:
     _DECLARATIONS.setdefault(Primus, _primus_points)
 
 
+def _declaration_method(net: nn.Module) -> Callable[[], TapPoints] | None:
+    """The network's own declaration method, if it has one (the deprecated name with a warning)."""
+    method = getattr(net, DECLARATION_METHOD, None)
+    if callable(method):
+        return method
+    method = getattr(net, DEPRECATED_DECLARATION_METHOD, None)
+    if not callable(method):
+        return None
+    warnings.warn(
+        f"{type(net).__qualname__}.{DEPRECATED_DECLARATION_METHOD}() is deprecated: rename it "
+        f"{DECLARATION_METHOD}() (SelfReg, SS-Net and analyze all read it)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return method
+
+
 def tap_points(network: nn.Module) -> TapPoints:
     """The tap points of ``network`` (wrappers stripped), or an error that shows how to declare them."""
     net = unwrap_network(network)
-    method = getattr(net, "selfreg_tap_points", None)
-    if callable(method):
+    method = _declaration_method(net)
+    if method is not None:
         return method()
     _builtin_declarations()
     for cls in type(net).__mro__:

@@ -45,15 +45,18 @@ def wheel_downloadable(tmp_path: Path) -> tuple[bool, str]:
 def check_demo_results(r: dict, folds: list[int]) -> None:
     """results.json of the demo's compare report: what was compared, on which cases, numbers in range."""
     setup = r["setup"]
-    assert [m["name"] for m in setup["models"]] == ["nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget"]
-    assert [m["layout"] for m in setup["models"]] == ["folds", "folds"] and setup["baseline"] == "nnUNetTrainer_Budget"
+    runs = ["nnUNetTrainer_Budget", "nnUNetTrainer_Budget_Rep2", "nnUNetTrainerSelfReg_Budget",
+            "nnUNetTrainerSelfReg_Budget_Rep2"]  # fmt: skip
+    assert [m["name"] for m in setup["models"]] == runs  # two runs of every arm: the demo's default
+    assert [m["arm"] for m in setup["models"]] == [runs[0], runs[0], runs[2], runs[2]]
+    assert {m["layout"] for m in setup["models"]} == {"folds"} and setup["baseline"] == "nnUNetTrainer_Budget"
     assert setup["configuration"] == "2d" and setup["folds"] == folds
     assert setup["n_cases"] == 5 * len(folds) and setup["n_cases_per_fold"] == {str(f): 5 for f in folds}  # 25 tiles
     assert {"Dice", "IoU", "HD95", "NSD"} <= set(setup["metrics"]) and setup["surface"]["computed"] is True
     assert r["labels"] == {"1": "nucleus_interior", "2": "nucleus_boundary"}
     assert len(r["cases"]) == setup["n_cases"] and sorted({c["fold"] for c in r["cases"]}) == folds
     assert len({c["case"] for c in r["cases"]}) == setup["n_cases"]
-    for name in ("nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget"):
+    for name in runs:
         for metric in (m for m in setup["metrics"] if m != "HD95"):  # Dice, IoU, NSD and instance metrics: 0..1
             for key, value in r["aggregates"]["pooled"][name][metric].items():
                 assert value is None or 0.0 <= value <= 1.0, (name, metric, key, value)
@@ -67,6 +70,11 @@ def check_demo_results(r: dict, folds: list[int]) -> None:
         assert d["ci_low"] <= d["mean_difference"] <= d["ci_high"]
     assert d["p_value"] is None or 0.0 < d["p_value"] <= 1.0
     assert sorted(x["arm"] for x in r["ranking"]) == ["nnUNetTrainerSelfReg_Budget", "nnUNetTrainer_Budget"]
+    # runs as replicates: a run-level result and a verdict in plain words for the method comparison
+    run = r["differences"]["run_level"]["nnUNetTrainerSelfReg_Budget"]["Dice"]
+    assert len(run["run_means_baseline"]) == len(run["run_means_other"]) == 2 and run["detectable_difference"] > 0
+    verdict = r["differences"]["verdicts"]["nnUNetTrainerSelfReg_Budget"]["Dice"]
+    assert verdict["kind"] in ("difference", "equivalent", "not resolvable") and verdict["text"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +88,9 @@ def test_demo_reduced_budget_end_to_end(tmp_path, cache):
     proc = _demo(work, "--folds", "0", "1", "--epochs", "1", "--iterations", "2", "--val-iterations", "1", cache=cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "[4/4] nnUNetTrainerSelfReg_Budget fold 1" in out and "SelfReg epoch means" in out
+    assert "writing to nnU-Net folders under" in out.split("building")[0]  # said before anything is written
+    assert "nnUNetTrainerSelfReg_Budget_Rep2 fold 1" in out and "SelfReg epoch means" in out
+    assert "verdict:" in out and "run-aware" in out
     report = work / "report"
     results = json.loads((report / "results.json").read_text())
     dataset = results["setup"]["dataset"]

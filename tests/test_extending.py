@@ -98,3 +98,18 @@ def test_registry_refusals(monkeypatch):
     # a module of the package must leave the definitions to nnunet_selfreg.trainers
     with pytest.raises(RuntimeError, match="remove the define_trainers"):
         core.define_trainers({"__name__": "nnunet_selfreg.trainers.mymethod"})
+    # the cost benchmark's marks are the two it knows
+    with pytest.raises(ValueError, match="timed must be None or one of"):
+        core.register_trainer(types.new_class("nnUNetTrainerTimed"), timed="sometimes")
+
+
+def test_taps_attach_and_detach_through_one_function_each():
+    calls = []
+    with_taps = types.SimpleNamespace(
+        attach_feature_taps=lambda: calls.append("attach"), detach_feature_taps=lambda: calls.append("detach")
+    )
+    core.attach_feature_taps(with_taps)
+    core.detach_feature_taps(with_taps)
+    core.attach_feature_taps(types.SimpleNamespace())  # a trainer without taps: nothing to do
+    core.detach_feature_taps(types.SimpleNamespace())
+    assert calls == ["attach", "detach"]

@@ -33,6 +33,7 @@ from nnunet_selfreg.losses.lossnet import (
 )
 from nnunet_selfreg.losses.structure import StructureLoss, box_mean, one_vs_rest_logits, structure_loss
 from nnunet_selfreg.networks.m2snet import FixedFilter, M2SNet, MSNet, PlanOps, SubtractionUnit, build_m2snet
+from nnunet_selfreg.sweep.preemption import StopControl, install_trainer_hooks
 from nnunet_selfreg.trainers.core import epoch_seed
 from tests.nets import _COMMON_2D, _COMMON_3D, _REQ
 
@@ -640,6 +641,10 @@ def test_random_lossnet_trainer_records_it_in_log_debug_json_and_checkpoint(sing
     entry = ckpt["m2snet_lossnet"]
     assert entry["random_init"] and entry["random_seed"] == 0 and entry["sha256"] is None and entry["weight"] == 0.1
     assert set(ckpt["network_weights"]) == set(t.network.state_dict())
+    install_trainer_hooks(t, StopControl(), None)  # sweep's hooks: every checkpoint is written atomically
+    t.save_checkpoint(str(Path(t.output_folder) / "checkpoint_hooked.pth"))
+    hooked = torch.load(Path(t.output_folder) / "checkpoint_hooked.pth", map_location="cpu", weights_only=False)
+    assert hooked["m2snet_lossnet"] == entry and not list(Path(t.output_folder).glob(".*partial*"))
     t.on_train_end()
 
 

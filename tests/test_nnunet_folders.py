@@ -3,26 +3,41 @@ them, dataset ids resolved by nnU-Net's own lookup, and the error that says how 
 
 from __future__ import annotations
 
+import ast
+import io
+import os
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
 
+from nnunet_selfreg import nnunet_folders
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.evaluation.results import CompareInputError
 from nnunet_selfreg.nnunet_folders import (
+    CHECKPOINTS,
+    DEFAULT_PLANS,
     ENV_VARS,
     dataset_folder_name,
     dataset_folders_with_id,
+    dataset_label,
     env_folder,
     find_free_dataset_id,
     fold_folder,
     fold_folders,
+    fold_name,
+    image_file_name,
     is_fold_folder_name,
     model_folder_name,
     parse_dataset_folder_name,
     parse_model_folder_name,
+    plans_file_name,
+    preprocessed_data_folder_name,
     require_env_folder,
     resolve_dataset,
+    training_logs,
+    validation_summary,
 )
 
 
@@ -102,3 +117,59 @@ def test_env_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(CompareInputError, match="^nnUNet_results is not set: export nnUNet_results=/path/to/"):
         require_env_folder("nnUNet_results", CompareInputError)
+
+
+def test_file_names_inside_the_folders(tmp_path: Path) -> None:
+    assert image_file_name("case_007", ".nii.gz") == "case_007_0000.nii.gz"
+    assert image_file_name("c", ".png", channel=12) == "c_0012.png"
+    assert dataset_label(7) == "Dataset007" and plans_file_name(DEFAULT_PLANS) == "nnUNetPlans.json"
+    assert preprocessed_data_folder_name(DEFAULT_PLANS, "3d_fullres") == "nnUNetPlans_3d_fullres"
+    fold = fold_folder(tmp_path, "all")
+    assert fold.name == fold_name("all") == "fold_all"
+    assert validation_summary(fold) == fold / "validation" / "summary.json"
+    assert CHECKPOINTS == ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+    assert training_logs(fold) == []
+    fold.mkdir()
+    old, new = fold / "training_log_2026_1_1_10_00_00.txt", fold / "training_log_2026_1_2_10_00_00.txt"
+    new.write_text("later")
+    old.write_text("earlier")
+    os.utime(old, (1, 1))
+    (fold / "debug.json").write_text("{}")
+    assert training_logs(fold) == [old, new]
+
+
+# nnU-Net's names as they appear in a string of code (docstrings and comments may explain with them)
+NNUNET_NAMES = re.compile(
+    r"checkpoint_(final|latest|best|\*)\.pth|summary\.json|splits_final\.json|debug\.json|progress\.png|"
+    r"training_log_|(?<![A-Za-z])plans\.json|dataset\.json|dataset_fingerprint\.json|gt_segmentations|"
+    r"crossval_results|\bfold_(?=[FX*{0-9]|all\b)|Dataset\{|\bimagesT[rs]\b|\blabelsTr\b|_0000|\bnnUNetPlans\b|"
+    r"[\"']validation[\"'/]|/validation\b"
+)
+
+
+def _code_strings(source: str) -> list[tuple[int, str]]:
+    """The string literals of ``source`` that are not docstrings, with their line numbers."""
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                docstrings.add(first.lineno)
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return [(t.start[0], t.string) for t in tokens if t.type == tokenize.STRING and t.start[0] not in docstrings]
+
+
+def test_nnunets_file_names_are_spelled_in_nnunet_folders_only() -> None:
+    package = Path(nnunet_folders.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "nnunet_folders.py":
+            continue
+        for line, text in _code_strings(path.read_text()):
+            found += [f"{path.relative_to(package)}:{line}: {m.group(0)}" for m in NNUNET_NAMES.finditer(text)]
+    assert not found, "use the constants and functions of nnunet_selfreg.nnunet_folders:\n" + "\n".join(found)

@@ -19,8 +19,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.tools.export_stock import STOCK_TRAINER, StockNetworkCheck, export_stock, load_checkpoint_safely
-from nnunet_selfreg.tools.main import UserError, main
+from nnunet_selfreg.tools.main import main
 from nnunet_selfreg.trainers import nnUNetTrainerSelfReg
 from tests.harness import BIN, NNUNetEnv, small_2d_plans
 

@@ -15,6 +15,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunet_selfreg.data.mixed_batches import MixedBatchDataLoader, stock_forced_foreground
 from nnunet_selfreg.data.semisupervised import SemiSupervisedDataError
 from nnunet_selfreg.losses.vat import VAT_DISTANCES, virtual_adversarial_loss
+from nnunet_selfreg.sweep.preemption import StopControl, install_trainer_hooks
 from nnunet_selfreg.taps import finest_decoder_stage
 from nnunet_selfreg.trainers import nnUNetTrainer_LabeledOnly, nnUNetTrainerSSNet, nnUNetTrainerSSNet_FullRampup
 from tests.harness import small_2d_plans
@@ -97,6 +98,11 @@ def test_mixed_batches_terms_and_exact_resume(in_process, semisup2d, tmp_path):
     assert b.current_epoch == 1 and b.ssnet_iteration() == 2
     _epoch(b)
     resumed = _state(b)
+    install_trainer_hooks(b, StopControl(), None)  # sweep's hooks: every checkpoint is written atomically
+    b.save_checkpoint(str(tmp_path / "hooked.pth"))
+    entry = torch.load(tmp_path / "hooked.pth", map_location="cpu", weights_only=False)["ssnet"]
+    assert all(torch.equal(v, resumed[f"heads.{k}"].cpu()) for k, v in entry["heads"].items())
+    assert entry["iteration"] == b.ssnet_iteration() and not list(tmp_path.glob(".*partial*"))
     b.on_train_end()
     assert resumed.keys() == after_two.keys()
     differing = [k for k, v in after_two.items() if not torch.equal(v, resumed[k])]

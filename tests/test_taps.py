@@ -122,14 +122,14 @@ class _TinyUNet(torch.nn.Module):
         skip = self.down[0](x)
         return self.head(self.up[0](self.down[1](skip)) + skip)
 
-    def selfreg_tap_points(self) -> TapPoints:
+    def feature_tap_points(self) -> TapPoints:
         return TapPoints(encoder=tuple(self.down), decoder=tuple(self.up), encoder_channels=(4, 8))
 
 
 class _TheirNet(_TinyUNet):
     """A class one cannot edit: declared from outside, the declaration wins over nothing else."""
 
-    selfreg_tap_points = None
+    feature_tap_points = None
 
 
 def test_user_networks_declare_their_taps_in_a_few_lines():
@@ -147,6 +147,23 @@ def test_user_networks_declare_their_taps_in_a_few_lines():
         terms = SelfRegRegularizer()(enc, dec)
         assert torch.isfinite(terms["total"]) and terms["ifd_dec"] == 0
         assert out.shape == (2, 2, 8, 8)
+
+
+class _OldStyleNet(_TinyUNet):
+    """A user's network declared with the hook's former name, selfreg_tap_points."""
+
+    feature_tap_points = None
+
+    def selfreg_tap_points(self) -> TapPoints:
+        return TapPoints(encoder=tuple(self.down), decoder=tuple(self.up), encoder_channels=(4, 8))
+
+
+def test_the_former_declaration_name_still_works_with_a_deprecation_warning():
+    net = _OldStyleNet()
+    with pytest.warns(DeprecationWarning, match="selfreg_tap_points.*rename it feature_tap_points"):
+        points = tap_points(net)
+    assert points.encoder == tuple(net.down) and points.decoder == tuple(net.up)
+    assert points.encoder_channels == (4, 8)
 
 
 def test_primus_tokens_become_maps_on_the_token_grid():

@@ -35,8 +35,19 @@ from nnunet_selfreg.analysis.feature_stats import (
 )
 from nnunet_selfreg.analysis.gradcam import class_score, grad_cam
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.losses.selfreg import pool_to_common_size, semantic_consistency_loss
-from nnunet_selfreg.nnunet_folders import MODEL_FOLDER_LAYOUT, fold_folder, fold_folders, parse_model_folder_name
+from nnunet_selfreg.nnunet_folders import (
+    CHECKPOINT_GLOB,
+    DATASET_JSON,
+    FOLD_PREFIX,
+    MODEL_FOLDER_LAYOUT,
+    PLANS_JSON,
+    fold_folder,
+    fold_folders,
+    image_file_name,
+    parse_model_folder_name,
+)
 from nnunet_selfreg.taps import UNetFeatureTaps, UnsupportedArchitectureError, check_tappable, unwrap_network
 
 #: random channel pairings averaged per case for the SCR distance (the loss draws one per step)
@@ -110,18 +121,11 @@ def channel_names(dataset_json: dict) -> list[str]:
 
 def input_spec(folder: Path) -> tuple[str, list[str]]:
     """``(file_ending, channel names)`` from a model folder's dataset.json (read before loading the model)."""
-    dataset_json = _read_json(Path(folder) / "dataset.json")
+    dataset_json = read_json(Path(folder) / DATASET_JSON, AnalyzeInputError)
     try:
         return str(dataset_json["file_ending"]), channel_names(dataset_json)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise AnalyzeInputError(f"{folder}/dataset.json lacks a valid file_ending or channel_names ({e})") from None
-
-
-def parse_fold(text: str) -> str:
-    """``0``, ``1`` ... or ``all`` (nnU-Net's fold names)."""
-    if text == "all" or (text.isdigit() and int(text) >= 0):
-        return str(int(text)) if text != "all" else "all"
-    raise ValueError(f"a fold is a number >= 0 or 'all', got {text!r}")
+        raise AnalyzeInputError(f"{folder}/{DATASET_JSON} lacks a valid file_ending or channel_names ({e})") from None
 
 
 def check_model_folder(folder: Path, fold: str, checkpoint: str) -> Path:
@@ -131,27 +135,20 @@ def check_model_folder(folder: Path, fold: str, checkpoint: str) -> Path:
         raise AnalyzeInputError(f"model folder {folder} does not exist (expected {layout})")
     if not folder.is_dir():
         raise AnalyzeInputError(f"{folder} is not a folder: give a trained model folder ({layout})")
-    missing = [f for f in ("plans.json", "dataset.json") if not (folder / f).is_file()]
+    missing = [f for f in (PLANS_JSON, DATASET_JSON) if not (folder / f).is_file()]
     folds = [p.name for p in fold_folders(folder)]
     if missing or not folds:
-        what = " and ".join(missing) if missing else "fold_X folders"
+        what = " and ".join(missing) if missing else f"{FOLD_PREFIX}X folders"
         raise AnalyzeInputError(f"{folder} is not a trained nnU-Net model folder: it has no {what} (expected {layout})")
     fold_dir = fold_folder(folder, fold)
     if not fold_dir.is_dir():
-        raise AnalyzeInputError(f"{folder} has no fold_{fold} (it has {', '.join(folds)}): choose one with -f")
+        raise AnalyzeInputError(f"{folder} has no {FOLD_PREFIX}{fold} (it has {', '.join(folds)}): choose one with -f")
     ckpt = fold_dir / checkpoint
     if not ckpt.is_file():
-        found = sorted(p.name for p in fold_dir.glob("checkpoint_*.pth"))
+        found = sorted(p.name for p in fold_dir.glob(CHECKPOINT_GLOB))
         hint = f"it has {', '.join(found)}: pass --checkpoint" if found else "is the training finished?"
         raise AnalyzeInputError(f"{fold_dir} has no {checkpoint} ({hint})")
     return ckpt
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AnalyzeInputError(f"cannot read {path}: {e}") from None
 
 
 def load_model(folder: Path, fold: str, checkpoint: str, device: torch.device) -> Model:
@@ -160,8 +157,8 @@ def load_model(folder: Path, fold: str, checkpoint: str, device: torch.device) -
 
     folder = Path(folder).absolute()
     ckpt = check_model_folder(folder, fold, checkpoint)
-    plans = _read_json(folder / "plans.json")
-    dataset_json = _read_json(folder / "dataset.json")
+    plans = read_json(folder / PLANS_JSON, AnalyzeInputError)
+    dataset_json = read_json(folder / DATASET_JSON, AnalyzeInputError)
     parts = parse_model_folder_name(folder.name)
     trainer, plans_id, configuration = parts or (folder.name, plans.get("plans_name", "?"), "?")
     log = io.StringIO()  # nnU-Net prints its trainer search and device notes: keep our progress readable
@@ -226,8 +223,9 @@ def find_cases(folder: Path, file_ending: str, channel_names: list[str]) -> list
     files = sorted(p for p in folder.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
     if not files:
         raise AnalyzeInputError(
-            f"no cases in {folder}: expected images named CASE_XXXX{file_ending} (e.g. case1_0000{file_ending}), "
-            "the model's dataset.json file_ending"
+            f"no cases in {folder}: expected images named CASE_XXXX{file_ending} "
+            f"(e.g. {image_file_name('case1', file_ending)}), "
+            f"the model's {DATASET_JSON} file_ending"
         )
     by_case: dict[str, dict[int, Path]] = {}
     for p in files:
@@ -312,7 +310,7 @@ def cam_target(model: Model, requested: str | None) -> tuple[int, str]:
         channels = {n: int(labels[n]) for n in names}
         channels.update({str(int(labels[n])): int(labels[n]) for n in names})
     if not names:
-        raise AnalyzeInputError(f"{model.folder}: dataset.json has no foreground class for Grad-CAM")
+        raise AnalyzeInputError(f"{model.folder}: {DATASET_JSON} has no foreground class for Grad-CAM")
     if requested is None:
         return channels[names[0]], names[0]
     if requested not in channels:
@@ -328,6 +326,92 @@ def cam_target(model: Model, requested: str | None) -> tuple[int, str]:
 def _central_slice(x: Tensor) -> Tensor:
     """A 2D view for display: the map itself (2D) or its central slice along the first axis (3D)."""
     return x if x.ndim == 2 else x[x.shape[0] // 2]
+
+
+class _StageStatistics:
+    """Running per-stage sums over the cases: CKA moments with ``F_final`` (and shuffled), SCR, channel moments."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.cross = [CrossMoments() for _ in names]
+        self.own: list[ChannelMoments | None] = [None for _ in names]  # a stage's moments if CKA pools it
+        self.scr: list[list[float]] = [[] for _ in names]
+        self.shapes: list[dict] = [{} for _ in names]
+        self.generator = torch.Generator().manual_seed(SEED)
+        self.shuffle_gen = torch.Generator().manual_seed(SEED + 1)
+
+    @torch.no_grad()
+    def add_case(self, features: list[Tensor]) -> None:
+        """One case's tapped maps ``e_1 … e_S, d_1 … d_{S-1}`` (the last is ``F_final``)."""
+        teacher = features[-1].detach().float()
+        for s, f in enumerate(features):
+            f = f.detach().float()
+            self.shapes[s] = {"channels": int(f.shape[1]), "spatial_size": list(f.shape[2:])}
+            a, b = pool_to_common_size(f, teacher)
+            self.shapes[s]["cka_pooled_size"] = list(a.shape[2:])
+            if a.shape != f.shape:  # never in a U-Net (F_final is the largest map), but allowed
+                self.own[s] = (self.own[s] or ChannelMoments()).update(f)
+            flat = b.flatten(2)
+            perm = torch.randperm(flat.shape[2], generator=self.shuffle_gen).to(f.device)
+            self.cross[s].update(a, b, flat[:, :, perm].reshape(b.shape))
+            if s < len(self.names) - 1:  # (a, b) are what the loss pools to: pooling them again is the identity
+                draws = [float(semantic_consistency_loss(a, b, self.generator)) for _ in range(SCR_DRAWS)]
+                self.scr[s].append(float(np.mean(draws)))
+
+    def stages(self) -> list[dict]:
+        """The per-stage numbers over every case added."""
+        out = []
+        for s, name in enumerate(self.names):
+            moments, cross, scr = self.own[s] or self.cross[s].x, self.cross[s], self.scr[s]
+            cov = moments.covariance()
+            out.append(
+                {
+                    "stage": name,
+                    "kind": "encoder" if name.startswith("e") else "decoder",
+                    **self.shapes[s],
+                    "samples": moments.n,
+                    "cka_samples": cross.x.n,
+                    "cka": cross.cka(),
+                    "cka_shuffled": cross.cka(shuffled=True),
+                    "scr": float(np.mean(scr)) if scr else None,
+                    "scr_per_case": scr if scr else None,
+                    "mean_abs_correlation": mean_abs_correlation_of_covariance(cov),
+                    "effective_rank": effective_rank_of_covariance(cov),
+                    "constant_channels": int((~channel_correlation(cov)[1]).sum()),
+                }
+            )
+            out[-1]["effective_rank_ratio"] = out[-1]["effective_rank"] / self.shapes[s]["channels"]
+        return out
+
+
+def _predicted_fractions(logits: Tensor, has_regions: bool) -> dict[str, float]:
+    """Share of the patch each output channel predicts (classes from 1; every region)."""
+    if has_regions:
+        seg = (logits > 0).long()
+        return {str(c): float(seg[:, c].float().mean()) for c in range(logits.shape[1])}
+    seg = logits.argmax(1)
+    return {str(c): float((seg == c).float().mean()) for c in range(1, logits.shape[1])}
+
+
+def _cam_record(identifier: str, x: Tensor, region: Tensor, found: bool, cams: list[Tensor]) -> dict:
+    """Grad-CAM of one case: per stage its peak and the share inside the class region, and maps to display."""
+    stages_cam = []
+    for c in cams:
+        c = c[0]
+        total = float(c.sum())
+        inside = float(c[region].sum()) / total if total > 0 and found else math.nan
+        stages_cam.append({"max": float(c.max()), "fraction_in_region": inside})
+    return {
+        "case": identifier,
+        "region_found": found,
+        "region_fraction": float(region.float().mean()),
+        "stages": stages_cam,
+        "display": {
+            "image": _central_slice(x[0, 0].detach().cpu()).numpy(),
+            "region": _central_slice(region.cpu()).numpy(),
+            "maps": [_central_slice(c[0].cpu()).numpy() for c in cams],
+        },
+    }
 
 
 def analyse_model(
@@ -351,15 +435,8 @@ def analyse_model(
     net = model.network.eval()
     taps = UNetFeatureTaps(capture_eval=True)
     taps.attach(net, min_channels=1)
-    names = stage_names(taps.num_encoder_stages, taps.num_decoder_stages)
-    n_stages = len(names)
-    cross = [CrossMoments() for _ in names]
-    own: list[ChannelMoments | None] = [None for _ in names]  # a stage's moments if CKA pools it
-    scr: list[list[float]] = [[] for _ in names]
-    shapes: list[dict] = [{} for _ in names]
-    generator = torch.Generator().manual_seed(SEED)
-    shuffle_gen = torch.Generator().manual_seed(SEED + 1)
-    lm = model.label_manager
+    statistics = _StageStatistics(stage_names(taps.num_encoder_stages, taps.num_decoder_stages))
+    has_regions = model.label_manager.has_regions
     cases_out: list[dict] = []
     cam: dict = {}
     try:
@@ -374,49 +451,14 @@ def analyse_model(
                     raise RuntimeError("the feature taps captured nothing: is the network a supported U-Net?")
                 features = [*tapped[0], *tapped[1]]
                 if want_cam:
-                    score, region, found = class_score(logits, cam_channel, lm.has_regions)
+                    score, region, found = class_score(logits, cam_channel, has_regions)
                     cams = grad_cam(features, score, size=x.shape[2:])
+            statistics.add_case(features)
             with torch.no_grad():
-                teacher = features[-1].detach().float()
-                for s, f in enumerate(features):
-                    f = f.detach().float()
-                    shapes[s] = {"channels": int(f.shape[1]), "spatial_size": list(f.shape[2:])}
-                    a, b = pool_to_common_size(f, teacher)
-                    shapes[s]["cka_pooled_size"] = list(a.shape[2:])
-                    if a.shape != f.shape:  # never in a U-Net (F_final is the largest map), but allowed
-                        own[s] = (own[s] or ChannelMoments()).update(f)
-                    flat = b.flatten(2)
-                    perm = torch.randperm(flat.shape[2], generator=shuffle_gen).to(device)
-                    cross[s].update(a, b, flat[:, :, perm].reshape(b.shape))
-                    if s < n_stages - 1:  # (a, b) are what the loss pools to: pooling them again is the identity
-                        draws = [float(semantic_consistency_loss(a, b, generator)) for _ in range(SCR_DRAWS)]
-                        scr[s].append(float(np.mean(draws)))
-                seg = logits.argmax(1) if not lm.has_regions else (logits > 0).long()
-                fractions = (
-                    {str(c): float((seg == c).float().mean()) for c in range(1, logits.shape[1])}
-                    if not lm.has_regions
-                    else {str(c): float(seg[:, c].float().mean()) for c in range(logits.shape[1])}
-                )
-                cases_out.append({"case": identifier, "predicted_fraction_per_output_channel": fractions})
+                fractions = _predicted_fractions(logits, has_regions)
+            cases_out.append({"case": identifier, "predicted_fraction_per_output_channel": fractions})
             if want_cam:
-                region = region[0]
-                stages_cam = []
-                for c in cams:
-                    c = c[0]
-                    total = float(c.sum())
-                    inside = float(c[region].sum()) / total if total > 0 and found else math.nan
-                    stages_cam.append({"max": float(c.max()), "fraction_in_region": inside})
-                cam = {
-                    "case": identifier,
-                    "region_found": found,
-                    "region_fraction": float(region.float().mean()),
-                    "stages": stages_cam,
-                    "display": {
-                        "image": _central_slice(x[0, 0].detach().cpu()).numpy(),
-                        "region": _central_slice(region.cpu()).numpy(),
-                        "maps": [_central_slice(c[0].cpu()).numpy() for c in cams],
-                    },
-                }
+                cam = _cam_record(identifier, x, region[0], found, cams)
                 del cams, score
             del logits, features, tapped
             if progress is not None:
@@ -424,28 +466,7 @@ def analyse_model(
                 progress(f"case {k + 1}/{len(inputs)} {identifier} ({time.perf_counter() - t0:.1f} s{extra})")
     finally:
         taps.detach()
-    stages = []
-    for s, name in enumerate(names):
-        moments = own[s] or cross[s].x
-        cov = moments.covariance()
-        stages.append(
-            {
-                "stage": name,
-                "kind": "encoder" if name.startswith("e") else "decoder",
-                **shapes[s],
-                "samples": moments.n,
-                "cka_samples": cross[s].x.n,
-                "cka": cross[s].cka(),
-                "cka_shuffled": cross[s].cka(shuffled=True),
-                "scr": float(np.mean(scr[s])) if scr[s] else None,
-                "scr_per_case": scr[s] if scr[s] else None,
-                "mean_abs_correlation": mean_abs_correlation_of_covariance(cov),
-                "effective_rank": effective_rank_of_covariance(cov),
-                "constant_channels": int((~channel_correlation(cov)[1]).sum()),
-            }
-        )
-        stages[-1]["effective_rank_ratio"] = stages[-1]["effective_rank"] / shapes[s]["channels"]
-    return {"stages": stages, "cases": cases_out, "gradcam": cam}
+    return {"stages": statistics.stages(), "cases": cases_out, "gradcam": cam}
 
 
 def log(message: str) -> None:

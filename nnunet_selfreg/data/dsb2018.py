@@ -14,22 +14,31 @@ clinical benchmark. Without a reachable package registry it can fall back to
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-# find_free_dataset_id is re-exported: it was defined here before the folder conventions got their own module
-from nnunet_selfreg.nnunet_folders import dataset_folder_name, dataset_folders_with_id
+from nnunet_selfreg.data.downloads import DownloadError, HashMismatchError, PinnedFile
+from nnunet_selfreg.data.downloads import default_cache_dir as default_cache_dir
+from nnunet_selfreg.data.downloads import sha256_of as sha256_of
+
+# default_cache_dir, sha256_of and find_free_dataset_id are re-exported: they were defined here first
+from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    IMAGES_TR,
+    LABELS_TR,
+    dataset_folder_name,
+    image_file_name,
+    refuse_existing_dataset,
+)
 from nnunet_selfreg.nnunet_folders import find_free_dataset_id as find_free_dataset_id
 
 STARDIST_VERSION = "0.9.2"
@@ -50,12 +59,17 @@ LABEL_MODES = {
 }
 
 
-class WheelDownloadError(RuntimeError):
+class WheelDownloadError(DownloadError):
     """pip could not download the wheel (no registry reachable, pip missing, ...)."""
 
 
-class WheelHashError(RuntimeError):
+class WheelHashError(HashMismatchError):
     """A wheel's sha256 is not the expected one; the file must not be used."""
+
+
+STARDIST_WHEEL = PinnedFile(
+    STARDIST_WHEEL_NAME, STARDIST_WHEEL_SHA256, "dsb2018", WheelHashError, "check your package index / mirror"
+)
 
 
 @dataclass(frozen=True)
@@ -69,21 +83,6 @@ class DatasetInfo:
     tile_shape: tuple[int, int]
 
 
-def default_cache_dir() -> Path:
-    """``$NNUNET_SELFREG_CACHE`` if set, else ``~/.cache/nnunet_selfreg``."""
-    env = os.environ.get("NNUNET_SELFREG_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "nnunet_selfreg"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _pip_download_command(dest: Path) -> list[str]:
     return [
         sys.executable, "-m", "pip", "download", f"stardist=={STARDIST_VERSION}",
@@ -93,6 +92,20 @@ def _pip_download_command(dest: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _pip_download(folder: Path) -> Path:
+    """The wheel, downloaded by pip into ``folder``; :class:`WheelDownloadError` if pip fails."""
+    cmd = _pip_download_command(folder)
+    print(f"[dsb2018] downloading stardist=={STARDIST_VERSION} ({STARDIST_PLATFORM}): {' '.join(cmd)}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip()[-2000:]
+        raise WheelDownloadError(f"pip download failed (exit {proc.returncode}):\n{tail}")
+    downloaded = folder / STARDIST_WHEEL_NAME
+    if not downloaded.is_file():
+        raise WheelDownloadError(f"pip did not produce {STARDIST_WHEEL_NAME}; it wrote {sorted(os.listdir(folder))}")
+    return downloaded
+
+
 def fetch_stardist_wheel(cache_dir: Path) -> Path:
     """Return the verified stardist wheel in ``cache_dir``, downloading it with pip if needed.
 
@@ -100,36 +113,7 @@ def fetch_stardist_wheel(cache_dir: Path) -> Path:
     again. A downloaded file with the wrong sha256 raises :class:`WheelHashError` and is deleted;
     pip failing (e.g. no registry reachable) raises :class:`WheelDownloadError`.
     """
-    cache_dir = Path(cache_dir)
-    cached = cache_dir / STARDIST_WHEEL_NAME
-    if cached.is_file():
-        if sha256_of(cached) == STARDIST_WHEEL_SHA256:
-            print(f"[dsb2018] using cached wheel {cached} (sha256 verified: {STARDIST_WHEEL_SHA256})")
-            return cached
-        print(f"[dsb2018] WARNING: cached {cached} has the wrong sha256; removing it and downloading again")
-        cached.unlink()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="stardist_wheel_", dir=cache_dir) as tmp:
-        cmd = _pip_download_command(Path(tmp))
-        print(f"[dsb2018] downloading stardist=={STARDIST_VERSION} ({STARDIST_PLATFORM}): {' '.join(cmd)}")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr).strip()[-2000:]
-            raise WheelDownloadError(f"pip download failed (exit {proc.returncode}):\n{tail}")
-        downloaded = Path(tmp) / STARDIST_WHEEL_NAME
-        if not downloaded.is_file():
-            found = sorted(p.name for p in Path(tmp).iterdir())
-            raise WheelDownloadError(f"pip did not produce {STARDIST_WHEEL_NAME}; it wrote {found}")
-        actual = sha256_of(downloaded)
-        if actual != STARDIST_WHEEL_SHA256:
-            raise WheelHashError(
-                f"sha256 mismatch for downloaded {STARDIST_WHEEL_NAME}: expected {STARDIST_WHEEL_SHA256}, "
-                f"got {actual}. The file was discarded; check your package index / mirror."
-            )
-        print(f"[dsb2018] verified sha256 {actual}")
-        shutil.move(str(downloaded), cached)
-    print(f"[dsb2018] cached wheel at {cached}")
-    return cached
+    return STARDIST_WHEEL.fetch(Path(cache_dir), _pip_download)
 
 
 def read_wheel_arrays(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -187,18 +171,6 @@ def tile_slices(shape: tuple[int, int], grid: int) -> list[tuple[int, int, slice
     if th < 1 or tw < 1:
         raise ValueError(f"grid {grid} is too fine for an image of shape {shape}")
     return [(r, c, slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw)) for r in range(grid) for c in range(grid)]
-
-
-def _refuse_existing(raw_root: Path, dataset_id: int) -> None:
-    if not 1 <= dataset_id <= 999:
-        raise ValueError(f"nnU-Net dataset ids have three digits (1..999), got {dataset_id}")
-    existing = dataset_folders_with_id(raw_root, dataset_id)
-    if existing:
-        raise FileExistsError(
-            f"{existing[0]} exists already; nothing was written. Pick a free id "
-            f"(nnunet_selfreg.nnunet_folders.find_free_dataset_id(nnUNet_raw, nnUNet_preprocessed, "
-            f"nnUNet_results)) or delete that folder yourself if you mean to rebuild it."
-        )
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
@@ -262,12 +234,12 @@ def _write_real_dataset(folder: Path, wheel: Path, grid: int, labels: str) -> tu
     seg = semantic_labels(instances, labels)
     tiles = tile_slices(image8.shape, grid)
     tile = (tiles[0][2].stop - tiles[0][2].start, tiles[0][3].stop - tiles[0][3].start)
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
+    (folder / IMAGES_TR).mkdir(parents=True)
+    (folder / LABELS_TR).mkdir()
     for r, c, ys, xs in tiles:
         case = f"dsb2018_r{r}_c{c}"
-        _write_png(image8[ys, xs], folder / "imagesTr" / f"{case}_0000.png")
-        _write_png(seg[ys, xs], folder / "labelsTr" / f"{case}.png")
+        _write_png(image8[ys, xs], folder / IMAGES_TR / image_file_name(case, ".png"))
+        _write_png(seg[ys, xs], folder / LABELS_TR / f"{case}.png")
     with zipfile.ZipFile(wheel) as zf:
         licence = zf.read(WHEEL_LICENSE_PATH).decode("utf-8", errors="replace")
     dataset_json = {
@@ -285,7 +257,7 @@ def _write_real_dataset(folder: Path, wheel: Path, grid: int, labels: str) -> tu
         "licence": "image/labels: CC0 1.0 as published by the BBBC (BBBC038), please verify; stardist: BSD-3-Clause",
         "source": f"{STARDIST_WHEEL_NAME} sha256 {STARDIST_WHEEL_SHA256}",
     }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / DATASET_JSON).write_text(json.dumps(dataset_json, indent=2))
     used = (tile[0] * grid, tile[1] * grid)
     n_instances = len(np.unique(instances)) - 1
     readme = _readme(STARDIST_WHEEL_SHA256, grid, tile, used, labels, intensity_note, n_instances, licence)
@@ -332,7 +304,7 @@ def make_dsb2018_dataset(
     (``source == "synthetic fallback"``); otherwise :class:`WheelDownloadError` is raised.
     """
     raw_root = Path(raw_root)
-    _refuse_existing(raw_root, dataset_id)
+    refuse_existing_dataset(raw_root, dataset_id)
     semantic_labels(np.zeros((1, 1), np.uint8), labels)  # validate mode and grid before any download
     _, _, ys, xs = tile_slices(SOURCE_SHAPE, grid)[0]
     tile = (ys.stop - ys.start, xs.stop - xs.start)

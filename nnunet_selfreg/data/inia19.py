@@ -32,7 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_selfreg.data.dsb2018 import _refuse_existing, default_cache_dir, find_free_dataset_id, sha256_of
+from nnunet_selfreg.data.downloads import DownloadError, HashMismatchError, PinnedFile, default_cache_dir
+from nnunet_selfreg.data.downloads import sha256_of as sha256_of
+from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    IMAGES_TR,
+    LABELS_TR,
+    dataset_folder_name,
+    find_free_dataset_id,
+    image_file_name,
+    refuse_existing_dataset,
+)
 
 __all__ = [
     "DebDownloadError",
@@ -63,11 +73,11 @@ MIN_BRAIN_FRACTION = 0.5  # a block is a case if at least this fraction of its v
 EXPECTED_LARGEST = ((55, 67768), (193, 49362), (2, 40947), (54, 40692))
 
 
-class DebDownloadError(RuntimeError):
+class DebDownloadError(DownloadError):
     """``apt-get download`` could not provide the .deb (no apt, no network, no package lists, ...)."""
 
 
-class DebHashError(RuntimeError):
+class DebHashError(HashMismatchError):
     """A .deb's sha256 is not :data:`DEB_SHA256`; the file must not be used."""
 
 
@@ -83,14 +93,32 @@ class DatasetInfo:
     face_stats: dict[str, float]
 
 
-def _check_sha(path: Path, what: str) -> None:
-    actual = sha256_of(path)
-    if actual != DEB_SHA256:
-        raise DebHashError(
-            f"sha256 mismatch for {what} {path}: expected {DEB_SHA256} ({DEB_NAME}), got {actual}. "
-            "The file was not used. Get the exact package with `apt-get download "
-            f"{DEB_PACKAGE}={DEB_VERSION}` (Debian bookworm) and pass it with --deb."
+MRICRON_DEB = PinnedFile(
+    DEB_NAME,
+    DEB_SHA256,
+    "inia19",
+    DebHashError,
+    f"get the exact package with `apt-get download {DEB_PACKAGE}={DEB_VERSION}` (Debian bookworm) and pass it "
+    "with --deb",
+)
+
+
+def _apt_download(folder: Path, how: str) -> Path:
+    """The .deb, downloaded by ``apt-get download`` into ``folder``; :class:`DebDownloadError` saying ``how`` else."""
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise DebDownloadError(f"apt-get is not available here to download {DEB_NAME}: {how}")
+    cmd = [apt, "download", f"{DEB_PACKAGE}={DEB_VERSION}"]
+    print(f"[inia19] downloading: {' '.join(cmd)}")
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    downloaded = folder / DEB_NAME
+    if proc.returncode != 0 or not downloaded.is_file():
+        tail = (proc.stdout + proc.stderr).strip()[-2000:]
+        raise DebDownloadError(
+            f"apt-get download failed (exit {proc.returncode}):\n{tail}\nIf apt knows no such package, run "
+            f"`apt-get update` (needs Debian's archive in the sources), or {how}."
         )
+    return downloaded
 
 
 def fetch_mricron_deb(cache_dir: Path, deb: Path | None = None, allow_download: bool = True) -> Path:
@@ -102,47 +130,18 @@ def fetch_mricron_deb(cache_dir: Path, deb: Path | None = None, allow_download: 
     never cached; no way of getting the file raises :class:`DebDownloadError` saying what to do.
     """
     cache_dir = Path(cache_dir)
-    cached = cache_dir / DEB_NAME
     if deb is not None:
-        deb = Path(deb)
-        if not deb.is_file():
+        if not Path(deb).is_file():
             raise DebDownloadError(f"--deb {deb}: no such file")
-        _check_sha(deb, "the given file")
-        if deb.resolve() != cached.resolve():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="mricron_deb_", dir=cache_dir) as tmp:
-                shutil.copyfile(deb, Path(tmp) / DEB_NAME)
-                shutil.move(str(Path(tmp) / DEB_NAME), cached)
-        print(f"[inia19] using {deb} (sha256 verified: {DEB_SHA256})")
-        return cached
-    if cached.is_file():
-        if sha256_of(cached) == DEB_SHA256:
-            print(f"[inia19] using cached {cached} (sha256 verified: {DEB_SHA256})")
-            return cached
-        print(f"[inia19] WARNING: cached {cached} has the wrong sha256; removing it")
-        cached.unlink()
+        return MRICRON_DEB.add(cache_dir, Path(deb))
     how = f"pass the file with --deb (from `apt-get download {DEB_PACKAGE}={DEB_VERSION}` on a Debian/Ubuntu machine)"
-    if not allow_download:
-        raise DebDownloadError(f"{DEB_NAME} is not in the cache {cache_dir} and downloading is off: {how}")
-    apt = shutil.which("apt-get")
-    if apt is None:
-        raise DebDownloadError(f"apt-get is not available here to download {DEB_NAME}: {how}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mricron_deb_", dir=cache_dir) as tmp:
-        cmd = [apt, "download", f"{DEB_PACKAGE}={DEB_VERSION}"]
-        print(f"[inia19] downloading: {' '.join(cmd)}")
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
-        downloaded = Path(tmp) / DEB_NAME
-        if proc.returncode != 0 or not downloaded.is_file():
-            tail = (proc.stdout + proc.stderr).strip()[-2000:]
-            raise DebDownloadError(
-                f"apt-get download failed (exit {proc.returncode}):\n{tail}\nIf apt knows no such package, run "
-                f"`apt-get update` (needs Debian's archive in the sources), or {how}."
-            )
-        _check_sha(downloaded, "the downloaded file")
-        shutil.move(str(downloaded), cached)
-    print(f"[inia19] verified sha256 {DEB_SHA256}; cached at {cached}")
-    return cached
+
+    def download(folder: Path) -> Path:
+        if not allow_download:
+            raise DebDownloadError(f"{DEB_NAME} is not in the cache {cache_dir} and downloading is off: {how}")
+        return _apt_download(folder, how)
+
+    return MRICRON_DEB.fetch(cache_dir, download)
 
 
 def _ar_members(data: bytes) -> dict[str, bytes]:
@@ -357,20 +356,70 @@ generalises to new animals.
 """
 
 
-def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> dict:
-    import SimpleITK as sitk
-
-    files = read_deb_files(deb, (T1_MEMBER, ATLAS_MEMBER, COPYRIGHT_MEMBER))
+def _read_template(files: dict[str, bytes]):
+    """The T1 template and the atlas as SimpleITK images, their geometry checked against the pinned file's."""
     t1_img, atlas_img = _read_nifti(files[T1_MEMBER]), _read_nifti(files[ATLAS_MEMBER])
     for img in (t1_img, atlas_img):
         if img.GetSize() != SOURCE_SHAPE_XYZ or not np.allclose(img.GetSpacing(), SOURCE_SPACING):
             raise ValueError(f"unexpected INIA19 geometry: size {img.GetSize()}, spacing {img.GetSpacing()}")
-    t1 = sitk.GetArrayFromImage(t1_img).astype(np.float32)
-    atlas = sitk.GetArrayFromImage(atlas_img)
+    return t1_img, atlas_img
+
+
+def _largest_structures(atlas: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(every structure ranked, the NUM_LARGEST largest), the latter checked against EXPECTED_LARGEST."""
     ranking = rank_structures(atlas)
     largest = ranking[:NUM_LARGEST]
     if tuple(largest) != EXPECTED_LARGEST:
         raise ValueError(f"the {NUM_LARGEST} largest NeuroMaps structures are {largest}, not {EXPECTED_LARGEST}")
+    return ranking, largest
+
+
+def _write_cases(folder: Path, t1_out, seg_img, seg: np.ndarray, blocks, block: int, n_labels: int):
+    """One image and one label file per block; returns per class its voxels in the cases and its cases."""
+    import SimpleITK as sitk
+
+    (folder / IMAGES_TR).mkdir(parents=True)
+    (folder / LABELS_TR).mkdir()
+    in_cases = np.zeros(n_labels, dtype=np.int64)
+    cases_with = np.zeros(n_labels, dtype=np.int64)
+    for z, y, x in blocks:
+        case = _case_name((z, y, x), block)
+        crop = (slice(x, x + block), slice(y, y + block), slice(z, z + block))  # SimpleITK indexes (x, y, z)
+        sitk.WriteImage(t1_out[crop], str(folder / IMAGES_TR / image_file_name(case, ".nii.gz")))
+        sitk.WriteImage(seg_img[crop], str(folder / LABELS_TR / f"{case}.nii.gz"))
+        counts = np.bincount(seg[z : z + block, y : y + block, x : x + block].ravel(), minlength=n_labels)
+        in_cases += counts
+        cases_with += counts > 0
+    return in_cases, cases_with
+
+
+def _dataset_json(folder: Path, labels: dict[str, int], n_blocks: int, block: int) -> dict:
+    return {
+        "channel_names": {"0": "T1"},
+        "labels": labels,
+        "numTraining": n_blocks,
+        "file_ending": ".nii.gz",
+        "name": folder.name.split("_", 1)[1],
+        "description": (
+            f"INIA19 rhesus macaque T1 template with NeuroMaps atlas labels (Debian {DEB_NAME}), cut into "
+            f"{n_blocks} non-overlapping {block}^3 blocks of 0.5 mm voxels; classes: the {NUM_LARGEST} largest "
+            "NeuroMaps structures (hemispheres merged) and all other structures. One template: a proxy, not a "
+            "clinical benchmark."
+        ),
+        "reference": "Rohlfing et al., Front. Neuroinform. 6:27 (2012), doi:10.3389/fninf.2012.00027",
+        "licence": "not stated for the templates in the Debian package; see README.md and the upstream NITRC terms",
+        "source": f"{DEB_NAME} sha256 {DEB_SHA256}",
+    }
+
+
+def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> dict:
+    import SimpleITK as sitk
+
+    files = read_deb_files(deb, (T1_MEMBER, ATLAS_MEMBER, COPYRIGHT_MEMBER))
+    t1_img, atlas_img = _read_template(files)
+    t1 = sitk.GetArrayFromImage(t1_img).astype(np.float32)
+    atlas = sitk.GetArrayFromImage(atlas_img)
+    ranking, largest = _largest_structures(atlas)
     structures = [sid for sid, _ in largest]
     labels = class_table(largest)
     seg = group_labels(atlas, structures)
@@ -383,18 +432,7 @@ def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> 
     seg_img.CopyInformation(atlas_img)
     t1_out = sitk.GetImageFromArray(t1)
     t1_out.CopyInformation(t1_img)
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    in_cases = np.zeros(len(labels), dtype=np.int64)
-    cases_with = np.zeros(len(labels), dtype=np.int64)
-    for z, y, x in blocks:
-        case = _case_name((z, y, x), block)
-        crop = (slice(x, x + block), slice(y, y + block), slice(z, z + block))  # SimpleITK indexes (x, y, z)
-        sitk.WriteImage(t1_out[crop], str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(seg_img[crop], str(folder / "labelsTr" / f"{case}.nii.gz"))
-        counts = np.bincount(seg[z : z + block, y : y + block, x : x + block].ravel(), minlength=len(labels))
-        in_cases += counts
-        cases_with += counts > 0
+    in_cases, cases_with = _write_cases(folder, t1_out, seg_img, seg, blocks, block, len(labels))
     atlas_counts = np.bincount(seg.ravel(), minlength=len(labels))
     names = list(labels)
     other_ids = f"the other {len(ranking) - NUM_LARGEST} structures (both hemispheres)"
@@ -416,23 +454,7 @@ def _write_dataset(folder: Path, deb: Path, block: int, min_fraction: float) -> 
         "face_stats": neighbour_face_stats(t1, seg, blocks, block),
         "cases": {_case_name(b, block): list(b) for b in blocks},
     }
-    dataset_json = {
-        "channel_names": {"0": "T1"},
-        "labels": labels,
-        "numTraining": len(blocks),
-        "file_ending": ".nii.gz",
-        "name": folder.name.split("_", 1)[1],
-        "description": (
-            f"INIA19 rhesus macaque T1 template with NeuroMaps atlas labels (Debian {DEB_NAME}), cut into "
-            f"{len(blocks)} non-overlapping {block}^3 blocks of 0.5 mm voxels; classes: the {NUM_LARGEST} largest "
-            "NeuroMaps structures (hemispheres merged) and all other structures. One template: a proxy, not a "
-            "clinical benchmark."
-        ),
-        "reference": "Rohlfing et al., Front. Neuroinform. 6:27 (2012), doi:10.3389/fninf.2012.00027",
-        "licence": "not stated for the templates in the Debian package; see README.md and the upstream NITRC terms",
-        "source": f"{DEB_NAME} sha256 {DEB_SHA256}",
-    }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / DATASET_JSON).write_text(json.dumps(_dataset_json(folder, labels, len(blocks), block), indent=2))
     copyright_text = files[COPYRIGHT_MEMBER].decode("utf-8", errors="replace")
     readme = _readme(info, copyright_text)
     (folder / "README.md").write_text(readme)
@@ -458,9 +480,9 @@ def make_inia19_dataset(
     holds a ``DatasetXXX_*`` with this id; never leaves a half-written folder behind.
     """
     raw_root = Path(raw_root)
-    _refuse_existing(raw_root, dataset_id)
+    refuse_existing_dataset(raw_root, dataset_id)
     path = fetch_mricron_deb(Path(cache_dir) if cache_dir else default_cache_dir(), deb, allow_download)
-    folder = raw_root / f"Dataset{dataset_id:03d}_{DATASET_NAME}"
+    folder = raw_root / dataset_folder_name(dataset_id, DATASET_NAME)
     try:
         info = _write_dataset(folder, path, block, min_fraction)
     except BaseException:

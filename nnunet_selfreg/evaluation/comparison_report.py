@@ -28,6 +28,7 @@ from nnunet_selfreg.evaluation.model import (
 )
 from nnunet_selfreg.evaluation.results import CompareInputError, Comparison
 from nnunet_selfreg.evaluation.stats import HIGHER_IS_BETTER, MIN_NONZERO_FOR_005, Analysis
+from nnunet_selfreg.nnunet_folders import SUMMARY_JSON
 from nnunet_selfreg.report_folder import markdown_table, package_version, pyplot, write_report_folder
 
 #: metrics measured in units of length
@@ -59,12 +60,16 @@ def build_result(
             for m in comparison.models
         ],
         n_cases=len(comparison.cases),
-        n_cases_per_fold={str(f): sum(v == f for v in comparison.case_folds.values()) for f in comparison.folds},
+        n_cases_per_fold={
+            str(f): sum(case_fold == f for case_fold in comparison.case_folds.values()) for f in comparison.folds
+        },
         metrics=table.metrics,
         spatial_unit=comparison.spatial_unit,
         surface=settings["surface"],
         statistics=settings["statistics"],
-        versions={d: package_version(d) for d in ("nnunetv2", "monai", "scipy", "statsmodels", "numpy", "torch")},
+        versions={
+            dist: package_version(dist) for dist in ("nnunetv2", "monai", "scipy", "statsmodels", "numpy", "torch")
+        },
         labels=comparison.label_names,
     )
     return ComparisonResult(
@@ -148,14 +153,14 @@ def design_statement(result: ComparisonResult) -> str:
 
 
 def verdict_section(result: ComparisonResult) -> list[str]:
-    d = result.differences
+    differences = result.differences
     lines = ["## Verdict", "", design_statement(result), ""]
-    for arm, per_metric in d.methods.items():
-        lines.append(f"- `{arm}` vs `{d.baseline}`, Dice: {per_metric['Dice'].verdict.text}.")
+    for arm, per_metric in differences.methods.items():
+        lines.append(f"- `{arm}` vs `{differences.baseline}`, Dice: {per_metric['Dice'].verdict.text}.")
     lines.append("")
-    if not any(c.run_level is not None for c in d.comparisons()):
+    if not any(c.run_level is not None for c in differences.comparisons()):
         return lines
-    rows = [[f"`{c.arm}`", c.metric, c.verdict.kind] for c in d.comparisons()]
+    rows = [[f"`{c.arm}`", c.metric, c.verdict.kind] for c in differences.comparisons()]
     return lines + [
         "Every metric (numbers in *Run level* below):",
         "",
@@ -175,7 +180,7 @@ def setup_section(result: ComparisonResult) -> list[str]:
         f"- dataset `{setup.dataset}`, configuration `{setup.configuration}`, plans `{setup.plans}`",
         f"- folds {', '.join(map(str, setup.folds))}: {setup.n_cases} validation cases ({per_fold}), paired by case",
         f"- baseline (first arm): `{setup.baseline}`; runs per arm: {runs_of(result)}",
-        "- Dice and IoU: nnU-Net's own numbers from each `summary.json`",
+        f"- Dice and IoU: nnU-Net's own numbers from each `{SUMMARY_JSON}`",
         *surface_lines(result),
         *statistics_lines(result),
         f"- nnU-Net {setup.versions['nnunetv2']}, scipy {setup.versions['scipy']}, statsmodels "
@@ -241,13 +246,13 @@ def statistics_lines(result: ComparisonResult) -> list[str]:
 
 
 def run_level_section(result: ComparisonResult) -> list[str]:
-    d = result.differences
-    comparisons = [c for c in d.comparisons() if c.run_level is not None]
+    differences = result.differences
+    comparisons = [c for c in differences.comparisons() if c.run_level is not None]
     if not comparisons:
         return []
-    method = d.correction.method
+    method = differences.correction.method
     lines = [
-        f"## Run level: arms against `{d.baseline}`",
+        f"## Run level: arms against `{differences.baseline}`",
         "",
         "The unit is the training run: each run's mean over the cases defined in every run of both arms. "
         "Difference: of the arms' mean run means (other - baseline). Run-aware 95% interval: hierarchical "
@@ -300,9 +305,9 @@ def run_equivalence_table(comparisons) -> list[str]:
         return []
     margin = tested[0].run_level.equivalence.margin
     rows = [
-        [f"`{c.arm}`", fmt_p(e.p_lower), fmt_p(e.p_upper), equivalence_word(e.equivalent)]
+        [f"`{c.arm}`", fmt_p(equivalence.p_lower), fmt_p(equivalence.p_upper), equivalence_word(equivalence.equivalent)]
         for c in tested
-        for e in [c.run_level.equivalence]
+        for equivalence in [c.run_level.equivalence]
     ]
     return [
         f"Equivalence within ±{margin:g} Dice on the run means (two one-sided t-tests, "
@@ -325,14 +330,14 @@ def pooled_section(result: ComparisonResult) -> list[str]:
     ]
     lines += markdown_table(
         ["run", *[f"{m}{unit_suffix(m, unit)}" for m in metrics]],
-        [[f"`{run}`", *[fmt(v[m][FOREGROUND]) for m in metrics]] for run, v in pooled.items()],
+        [[f"`{run}`", *[fmt(values[m][FOREGROUND]) for m in metrics]] for run, values in pooled.items()],
     )
     for metric in metrics:
         labels = [k for k in next(iter(pooled.values()))[metric] if k != FOREGROUND]
         lines += [f"Per label, {metric}{unit_suffix(metric, unit)}:", ""]
         lines += markdown_table(
             ["run", *[label_name(result, k) for k in labels]],
-            [[f"`{run}`", *[fmt(v[metric][k]) for k in labels]] for run, v in pooled.items()],
+            [[f"`{run}`", *[fmt(values[metric][k]) for k in labels]] for run, values in pooled.items()],
         )
     return lines + matched_sq_lines(result)
 
@@ -387,9 +392,9 @@ def difference_row(d: PairedDifference) -> list[str]:
 
 
 def case_level_section(result: ComparisonResult) -> list[str]:
-    d = result.differences
+    differences = result.differences
     lines = [
-        f"## Case level: differences against the baseline `{d.baseline}`",
+        f"## Case level: differences against the baseline `{differences.baseline}`",
         "",
         "Cases are the unit: these intervals and p-values ignore run-to-run training noise. Per case, the metric "
         "is averaged over the labels defined for that case (NaN labels skipped), and an arm's value is the mean "
@@ -401,12 +406,12 @@ def case_level_section(result: ComparisonResult) -> list[str]:
         "### Pooled over folds",
         "",
     ]
-    rows = [[f"`{c.arm}`", c.metric, *difference_row(c.case_level)] for c in d.comparisons()]
+    rows = [[f"`{c.arm}`", c.metric, *difference_row(c.case_level)] for c in differences.comparisons()]
     lines += markdown_table(["arm", "metric", *DIFFERENCE_HEADER], rows)
     lines += ["### Per fold (uncorrected)", ""]
     rows = [
         [f, f"`{arm}`", metric, *difference_row(v)]
-        for f, per_fold in d.per_fold.items()
+        for f, per_fold in differences.per_fold.items()
         for arm, per in per_fold.items()
         for metric, v in per.items()
     ]
@@ -414,7 +419,7 @@ def case_level_section(result: ComparisonResult) -> list[str]:
     lines += ["### Per label, pooled over folds (uncorrected)", ""]
     rows = [
         [f"`{arm}`", metric, label_name(result, label), *difference_row(v)]
-        for arm, per in d.per_label.items()
+        for arm, per in differences.per_label.items()
         for metric, per_label in per.items()
         for label, v in per_label.items()
     ]
@@ -422,12 +427,13 @@ def case_level_section(result: ComparisonResult) -> list[str]:
 
 
 def effects_section(result: ComparisonResult) -> list[str]:
-    d = result.differences
-    method = d.correction.method
+    differences = result.differences
+    method = differences.correction.method
     lines = [
         "### Effect sizes (case level, pooled over folds)",
         "",
-        f"p ({method}): corrected together with the other deciding tests of the {d.correction.family_size} method "
+        f"p ({method}): corrected together with the other deciding tests of the "
+        f"{differences.correction.family_size} method "
         "comparisons; shown where this case-level Wilcoxon test decides (an arm with one run), blank where the "
         "run-level test does. HL: "
         "Hodges-Lehmann shift (median of the Walsh averages of the paired differences) with its "
@@ -435,7 +441,7 @@ def effects_section(result: ComparisonResult) -> list[str]:
         "better / tie / worse: cases where the other arm is better, equal, worse.",
         "",
     ]
-    rows = [effects_row(c.arm, c.metric, c.case_level) for c in d.comparisons()]
+    rows = [effects_row(c.arm, c.metric, c.case_level) for c in differences.comparisons()]
     header = ["arm", "metric", "difference", "p", f"p ({method})", "HL [95% CI]", "r", "better/tie/worse"]
     return lines + markdown_table(header, rows) + case_equivalence_section(result)
 
@@ -459,9 +465,15 @@ def case_equivalence_section(result: ComparisonResult) -> list[str]:
         return []
     margin = tested[0].case_level.equivalence.margin
     rows = [
-        [f"`{c.arm}`", fmt_p(e.p_lower), fmt_p(e.p_upper), fmt_p(e.p_value), equivalence_word(e.equivalent)]
+        [
+            f"`{c.arm}`",
+            fmt_p(equivalence.p_lower),
+            fmt_p(equivalence.p_upper),
+            fmt_p(equivalence.p_value),
+            equivalence_word(equivalence.equivalent),
+        ]
         for c in tested
-        for e in [c.case_level.equivalence]
+        for equivalence in [c.case_level.equivalence]
     ]
     return [
         f"### Equivalence within ±{margin:g} Dice (case level)",
@@ -491,14 +503,15 @@ def aa_section(result: ComparisonResult) -> list[str]:
         "method family.",
         "",
     ]
-    rows = [aa_row(x) for x in aa]
+    rows = [aa_row(check) for check in aa]
     return lines + markdown_table(["arm", "run", "against", "metric", "difference", "95% CI", "Wilcoxon p"], rows)
 
 
-def aa_row(x: AAComparison) -> list[str]:
-    d = x.difference
-    return [f"`{x.arm}`", f"`{x.run}`", f"`{x.reference_run}`", x.metric, fmt_signed(d.mean_difference),
-            fmt_interval(d.ci_low, d.ci_high), fmt_p(d.p_value)]  # fmt: skip
+def aa_row(check: AAComparison) -> list[str]:
+    difference = check.difference
+    return [f"`{check.arm}`", f"`{check.run}`", f"`{check.reference_run}`", check.metric,
+            fmt_signed(difference.mean_difference), fmt_interval(difference.ci_low, difference.ci_high),
+            fmt_p(difference.p_value)]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- ranking
@@ -506,7 +519,10 @@ def aa_row(x: AAComparison) -> list[str]:
 
 def ranking_section(result: ComparisonResult) -> list[str]:
     ranking = result.ranking
-    rows = [[str(e.position), f"`{e.arm}`", fmt(e.mean_value), fmt(e.mean_case_rank, 2)] for e in ranking.entries]
+    rows = [
+        [str(entry.position), f"`{entry.arm}`", fmt(entry.mean_value), fmt(entry.mean_case_rank, 2)]
+        for entry in ranking.entries
+    ]
     n = ranking.entries[0].n_cases_ranked if ranking.entries else 0
     return [
         "## Ranking",
@@ -588,22 +604,22 @@ def render_markdown(result: ComparisonResult) -> str:
 
 def console_summary(result: ComparisonResult, output: Path) -> list[str]:
     """What ``compare`` prints: the design statement before any p-value, then one block per comparison."""
-    setup, d = result.setup, result.differences
+    setup, differences = result.setup, result.differences
     lines = [
         f"compared {setup.n_cases} cases over folds {setup.folds}; runs per arm: "
         + ", ".join(f"{a.name} {a.n_runs}" for a in result.arms),
         *textwrap.wrap(design_statement(result).replace("**", "").replace("`", ""), 100),
     ]
     lines += [
-        f"  {e.position}. {e.arm}: mean Dice {e.mean_value:.4f}, mean case rank {e.mean_case_rank:.2f}"
-        for e in result.ranking.entries
+        f"  {entry.position}. {entry.arm}: mean Dice {entry.mean_value:.4f}, mean case rank {entry.mean_case_rank:.2f}"
+        for entry in result.ranking.entries
     ]
-    for arm, per_metric in d.methods.items():
-        lines += comparison_lines(arm, d.baseline, per_metric["Dice"], d.correction.method)
-    for x in (x for x in d.aa if x.metric == "Dice"):
-        diff = x.difference
+    for arm, per_metric in differences.methods.items():
+        lines += comparison_lines(arm, differences.baseline, per_metric["Dice"], differences.correction.method)
+    for check in (check for check in differences.aa if check.metric == "Dice"):
+        diff = check.difference
         lines.append(
-            f"  A/A {x.run} - {x.reference_run}: Dice {diff.mean_difference:+.4f} "
+            f"  A/A {check.run} - {check.reference_run}: Dice {diff.mean_difference:+.4f} "
             f"{fmt_interval(diff.ci_low, diff.ci_high)} (same command trained twice)"
         )
     return lines + [f"report: {output / 'report.md'}"]
@@ -673,7 +689,7 @@ def box_figure(result: ComparisonResult, plt, metric: str, path: Path) -> None:
     width = 0.8 / len(arms)
     for j, arm in enumerate(arms):
         data = [table.arm_values(arm, metric, label) for label in labels]
-        data = [v[~np.isnan(v)] for v in data]
+        data = [values[~np.isnan(values)] for values in data]
         positions = [i + (j - (len(arms) - 1) / 2) * width for i in range(len(labels))]
         boxes = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, manage_ticks=False,
                            medianprops={"color": "black"})  # fmt: skip

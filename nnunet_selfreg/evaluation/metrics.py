@@ -45,6 +45,7 @@ from scipy import ndimage
 from nnunet_selfreg.evaluation.instances import INSTANCE_METRICS, connected_instances, instance_metrics
 from nnunet_selfreg.evaluation.metric_cache import MetricCache, entry_key, file_digest
 from nnunet_selfreg.evaluation.results import CompareInputError, Comparison, prediction_file, reference_file
+from nnunet_selfreg.report_folder import package_version
 
 SURFACE_METRICS = ("HD95", "NSD")
 #: HD95 of a label present in exactly one of prediction and reference (recorded in results.json)
@@ -348,9 +349,7 @@ def metric_settings(comparison: Comparison, tolerance_mm: float, surface: bool, 
             labels=list(comparison.labels), nsd_tolerance_mm=float(tolerance_mm), hd95_one_empty=HD95_ONE_EMPTY
         )
     if instance_label is not None:
-        from importlib.metadata import version
-
-        settings.update(instances={"connectivity": "face", "iou_threshold": 0.5, "monai": version("monai")})
+        settings.update(instances={"connectivity": "face", "iou_threshold": 0.5, "monai": package_version("monai")})
     return settings
 
 
@@ -392,25 +391,8 @@ def _look_up(
     return _Lookup(keys, found, cache.invalid - invalid_before)
 
 
-def comparison_file_metrics(
-    comparison: Comparison,
-    tolerance_mm: float,
-    surface: bool = True,
-    instances: str | None = None,
-    num_processes: int = 1,
-    progress: Callable[[int, int, str], None] | None = None,
-    announce: Callable[[str], None] | None = None,
-    cache_folder: Path | None = None,
-) -> tuple[CaseSurface | None, dict]:
-    """The file-based metrics of every compared case (HD95/NSD and/or the instance metrics of label
-    ``instances``; None when neither is computed) and how they were obtained (``results.json``'s ``surface``).
-
-    Surface metrics are skipped when the dataset has an ignore label (partial annotations have no meaningful
-    surface). With ``cache_folder``, each (case, model) is looked up by the content of its two files and the
-    settings, and only what is missing is computed (then stored). ``announce`` gets one line before the work
-    starts, ``progress`` the calls described in :func:`compute_surface_metrics`.
-    """
-    instance_label = instance_label_key(comparison, instances)
+def _metrics_info(comparison: Comparison, tolerance_mm: float, instance_label: str | None) -> dict:
+    """How the file-based metrics are computed (``results.json``'s ``surface``), before any is."""
     info: dict = {
         "computed": False,
         "nsd_tolerance_mm": tolerance_mm,
@@ -424,21 +406,24 @@ def comparison_file_metrics(
     }
     if instance_label is not None:
         info["instances"] = {"label": instance_label, "connectivity": "face connectivity", "iou_threshold": 0.5}
+    return info
+
+
+def _surface_wanted(comparison: Comparison, surface: bool, info: dict) -> bool:
+    """Surface metrics are asked for and meaningful (no ignore label); the reason in ``info`` when not."""
     if surface and comparison.ignore_label is not None:
         reason = f"the dataset has an ignore label ({comparison.ignore_label}): surfaces of partial annotations"
         info["reason"] = reason + " are not meaningful"
-        surface = False
-    elif not surface:
+        return False
+    if not surface:
         info["reason"] = "--no-surface"
-    if not surface and instance_label is None:
-        return None, info
-    what = " and ".join(x for x, on in (("surface", surface), ("instance", instance_label is not None)) if on)
-    settings = metric_settings(comparison, tolerance_mm, surface, instance_label)
-    expected = _expected_metrics(comparison, surface, instance_label)
-    cache = MetricCache(cache_folder) if cache_folder is not None else None
-    t0 = time.perf_counter()
-    lookup = _look_up(comparison, cache, settings, expected, num_processes) if cache is not None else None
-    found = lookup.found if lookup is not None else {}
+    return surface
+
+
+def _jobs(
+    comparison: Comparison, found: CaseSurface, tolerance_mm: float, surface: bool, instance_label: str | None
+) -> list[SurfaceJob]:
+    """One job per case with a model whose values are not in ``found`` (the cache)."""
     jobs = []
     for c in comparison.cases:
         todo = [m for m in comparison.models if m.name not in found.get(c, {})]
@@ -460,6 +445,67 @@ def comparison_file_metrics(
                     reader_class=reader_class,
                 )
             )
+    return jobs
+
+
+def _stored(
+    comparison: Comparison,
+    found: CaseSurface,
+    computed: CaseSurface,
+    cache: MetricCache | None,
+    lookup: _Lookup | None,
+    settings: dict,
+) -> CaseSurface:
+    """Cached and computed values of every (case, model), in the comparison's order; the computed ones cached."""
+    values: CaseSurface = {c: dict(found.get(c, {})) for c in comparison.cases}
+    for c, per_model in computed.items():
+        values[c].update(per_model)
+        if cache is not None and lookup is not None:
+            for model, metrics in per_model.items():
+                cache.put(lookup.keys[(c, model)], metrics, {"case": c, "model": model, "settings": settings})
+    return {c: {m.name: values[c][m.name] for m in comparison.models} for c in comparison.cases}
+
+
+def _check_instances_present(comparison: Comparison, values: CaseSurface, label: str, option: str | None) -> None:
+    baseline = comparison.models[0].name
+    if all(math.isnan(v[baseline]["PQ"][label]) for v in values.values()):
+        raise CompareInputError(
+            f"--instances {option}: label {label} is absent from every reference and prediction "
+            "of these cases; choose a label that marks objects (e.g. the nucleus label)"
+        )
+
+
+def comparison_file_metrics(
+    comparison: Comparison,
+    tolerance_mm: float,
+    surface: bool = True,
+    instances: str | None = None,
+    num_processes: int = 1,
+    progress: Callable[[int, int, str], None] | None = None,
+    announce: Callable[[str], None] | None = None,
+    cache_folder: Path | None = None,
+) -> tuple[CaseSurface | None, dict]:
+    """The file-based metrics of every compared case (HD95/NSD and/or the instance metrics of label
+    ``instances``; None when neither is computed) and how they were obtained (``results.json``'s ``surface``).
+
+    Surface metrics are skipped when the dataset has an ignore label (partial annotations have no meaningful
+    surface). With ``cache_folder``, each (case, model) is looked up by the content of its two files and the
+    settings, and only what is missing is computed (then stored). ``announce`` gets one line before the work
+    starts, ``progress`` the calls described in :func:`compute_surface_metrics`.
+    """
+    instance_label = instance_label_key(comparison, instances)
+    info = _metrics_info(comparison, tolerance_mm, instance_label)
+    surface = _surface_wanted(comparison, surface, info)
+    if not surface and instance_label is None:
+        return None, info
+    what = " and ".join(x for x, on in (("surface", surface), ("instance", instance_label is not None)) if on)
+    settings = metric_settings(comparison, tolerance_mm, surface, instance_label)
+    expected = _expected_metrics(comparison, surface, instance_label)
+    cache = MetricCache(cache_folder) if cache_folder is not None else None
+    t0 = time.perf_counter()
+    lookup = _look_up(comparison, cache, settings, expected, num_processes) if cache is not None else None
+    found = lookup.found if lookup is not None else {}
+    jobs = _jobs(comparison, found, tolerance_mm, surface, instance_label)
     n_total = len(comparison.cases) * len(comparison.models)
     n_todo = sum(len(j.prediction_files) for j in jobs)
     if announce is not None:
@@ -473,22 +519,11 @@ def comparison_file_metrics(
         computed = compute_surface_metrics(jobs, num_processes, progress)
     except (ValueError, OSError) as e:
         raise CompareInputError(f"{what} metrics failed: {e}") from None
-    values: CaseSurface = {c: dict(found.get(c, {})) for c in comparison.cases}
-    for c, per_model in computed.items():
-        values[c].update(per_model)
-        if cache is not None and lookup is not None:
-            for model, metrics in per_model.items():
-                cache.put(lookup.keys[(c, model)], metrics, {"case": c, "model": model, "settings": settings})
-    values = {c: {m.name: values[c][m.name] for m in comparison.models} for c in comparison.cases}
+    values = _stored(comparison, found, computed, cache, lookup, settings)
     if cache is not None and cache.write_error is not None and announce is not None:
         announce(f"the metric cache could not be written ({cache.write_error}); the results are complete")
     if instance_label is not None:
-        baseline = comparison.models[0].name
-        if all(math.isnan(v[baseline]["PQ"][instance_label]) for v in values.values()):
-            raise CompareInputError(
-                f"--instances {instances}: label {instance_label} is absent from every reference and prediction "
-                "of these cases; choose a label that marks objects (e.g. the nucleus label)"
-            )
+        _check_instances_present(comparison, values, instance_label, instances)
     info["cache"] = {
         "used": cache is not None,
         "folder": str(cache.folder) if cache is not None else None,

@@ -24,13 +24,26 @@ import numpy as np
 from nnunet_selfreg import nnunet_folders
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.evaluation.model import Arm, CaseTable
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import (
+    CROSSVAL_RESULTS_PREFIX,
+    DATASET_JSON,
+    DEBUG_JSON,
+    DEFAULT_PLANS,
+    FINAL_CHECKPOINT,
+    FOLD_PREFIX,
+    GT_SEGMENTATIONS,
+    PLANS_JSON,
+    SPLITS_JSON,
+    SUMMARY_JSON,
     env_folder,
     fold_folder,
     fold_folders,
+    fold_name,
     model_folder_name,
     parse_model_folder_name,
     require_env_folder,
+    validation_summary,
 )
 
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
@@ -39,8 +52,6 @@ MERGED_LAYOUT = "merged"
 #: per-case numbers taken from summary.json (per label)
 SUMMARY_METRICS = ("Dice", "IoU", "n_ref", "n_pred")
 _MEAN_TOLERANCE = 1e-6
-#: nnU-Net writes every trainer attribute (as text) into fold_F/debug.json when training starts
-DEBUG_FILE = "debug.json"
 TRAINING_LENGTH_KEYS = ("num_epochs", "num_iterations_per_epoch")
 #: readers of images that carry no spacing (nnU-Net gives them spacing 1): distances are in pixels
 PIXEL_READERS = ("NaturalImage2DIO",)
@@ -150,20 +161,20 @@ def locate_model(dataset_folder: Path, entry: str, plans_identifier: str, config
         )
     if folder == standard or fold_folders(folder):  # a trainer folder: missing folds are reported later
         layout = FOLDS_LAYOUT
-    elif (folder / "summary.json").is_file():
+    elif (folder / SUMMARY_JSON).is_file():
         layout = MERGED_LAYOUT
     else:
         raise CompareInputError(
-            f"{folder} holds neither fold_* folders nor a summary.json: not an nnU-Net results folder"
+            f"{folder} holds neither {FOLD_PREFIX}* folders nor a {SUMMARY_JSON}: not an nnU-Net results folder"
         )
-    dataset_json = _load_json_file(folder / "dataset.json", "dataset.json")
+    dataset_json = _load_json_file(folder / DATASET_JSON, DATASET_JSON)
     if not isinstance(dataset_json.get("file_ending"), str) or not isinstance(dataset_json.get("labels"), dict):
-        raise CompareInputError(f"{folder}/dataset.json lacks 'file_ending' or 'labels'")
+        raise CompareInputError(f"{folder}/{DATASET_JSON} lacks 'file_ending' or 'labels'")
     return ModelResults(
         name=entry,
         folder=folder,
         layout=layout,
-        plans=_load_json_file(folder / "plans.json", "plans.json"),
+        plans=_load_json_file(folder / PLANS_JSON, PLANS_JSON),
         dataset_json=dataset_json,
         trainer=trainer,
         plans_identifier=plans_id,
@@ -181,15 +192,7 @@ def _available(dataset_folder: Path) -> str:
 
 
 def _load_json_file(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CompareInputError(f"{path} is missing: every nnU-Net results folder has its {what}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompareInputError(f"{path} cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CompareInputError(f"{path} does not hold a JSON object")
-    return data
+    return read_json(path, CompareInputError, missing=f"every nnU-Net results folder has its {what}")
 
 
 # --------------------------------------------------------------------------- summary.json
@@ -197,7 +200,7 @@ def _load_json_file(path: Path, what: str) -> dict:
 
 def _bad_summary(path: Path, problem: str) -> CompareInputError:
     return CompareInputError(
-        f"{path} is not a valid nnU-Net summary.json: {problem}. Do not edit it by hand; re-create it "
+        f"{path} is not a valid nnU-Net {SUMMARY_JSON}: {problem}. Do not edit it by hand; re-create it "
         f"with `nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER --val` (or nnUNetv2_evaluate_folder)"
     )
 
@@ -215,7 +218,7 @@ def _case_metrics(path: Path, where: str, metrics: object, labels: list[str]) ->
         raise _bad_summary(path, f"{where}['metrics'] is missing or not an object")
     if set(metrics) != set(labels):
         raise _bad_summary(
-            path, f"{where} has labels {sorted(metrics)}, but dataset.json defines {labels} (foreground)"
+            path, f"{where} has labels {sorted(metrics)}, but {DATASET_JSON} defines {labels} (foreground)"
         )
     out: dict[str, dict[str, float]] = {}
     for label in labels:
@@ -328,7 +331,7 @@ def label_keys(model: ModelResults) -> tuple[list[str], dict[str, str], int | No
     try:
         lm = PlansManager(model.plans).get_label_manager(model.dataset_json)
     except Exception as e:  # nnU-Net raises assorted errors for malformed label dicts
-        raise CompareInputError(f"{model.folder}: dataset.json/plans.json labels are unusable ({e})") from None
+        raise CompareInputError(f"{model.folder}: {DATASET_JSON}/{PLANS_JSON} labels are unusable ({e})") from None
     regions = lm.foreground_regions if lm.has_regions else lm.foreground_labels
     keys = [label_or_region_to_key(r) for r in regions]
     names = {}
@@ -345,11 +348,11 @@ def label_keys(model: ModelResults) -> tuple[list[str], dict[str, str], int | No
 
 
 def _has_validation(model: ModelResults, fold: int) -> bool:
-    return (fold_folder(model.folder, fold) / "validation" / "summary.json").is_file()
+    return validation_summary(fold_folder(model.folder, fold)).is_file()
 
 
 def _folds_present(model: ModelResults) -> list[int]:
-    numbers = [p.name.removeprefix("fold_") for p in fold_folders(model.folder)]
+    numbers = [p.name.removeprefix(FOLD_PREFIX) for p in fold_folders(model.folder)]
     return sorted(int(n) for n in numbers if n.isdigit() and _has_validation(model, int(n)))
 
 
@@ -361,9 +364,9 @@ def missing_folds_message(model: ModelResults, folds: list[int], dataset: str) -
     """Which of ``folds`` ``model`` lacks, and the command that produces them."""
     fold = str(folds[0]) if len(folds) == 1 else "FOLD"
     if model.trainer is None:
-        return f"{model.name} lacks {_fold_list(folds)} (no fold_F/validation/summary.json in {model.folder})"
+        return f"{model.name} lacks {_fold_list(folds)} (no {validation_summary(fold_name('F'))} in {model.folder})"
     cmd = f"nnUNetv2_train {dataset} {model.configuration} {fold} -tr {model.trainer} -p {model.plans_identifier}"
-    trained = [f for f in folds if (fold_folder(model.folder, f) / "checkpoint_final.pth").is_file()]
+    trained = [f for f in folds if (fold_folder(model.folder, f) / FINAL_CHECKPOINT).is_file()]
     if trained == folds:
         return f"{model.name} lacks the validation of {_fold_list(folds)}: run `{cmd} --val`"
     return f"{model.name} lacks {_fold_list(folds)}: `{cmd}` would produce {'it' if len(folds) == 1 else 'each'}"
@@ -389,16 +392,16 @@ def _load_models(models: list[ModelResults], folds: list[int], labels: list[str]
     _check_folds(models, folds, dataset)
     for m in models:
         if m.layout == MERGED_LAYOUT:
-            m.cases = load_summary(m.folder / "summary.json", m.file_ending, labels, None)
+            m.cases = load_summary(m.folder / SUMMARY_JSON, m.file_ending, labels, None)
             continue
         for f in folds:
-            summary = fold_folder(m.folder, f) / "validation" / "summary.json"
+            summary = validation_summary(fold_folder(m.folder, f))
             fold_cases = load_summary(summary, m.file_ending, labels, f)
             twice = sorted(set(fold_cases) & set(m.cases))
             if twice:
                 raise CompareInputError(
                     f"{m.name}: cases {twice[:5]} are validated in more than one fold; cross-validation "
-                    "folds must not overlap (was splits_final.json changed between folds?)"
+                    f"folds must not overlap (was {SPLITS_JSON} changed between folds?)"
                 )
             m.cases.update(fold_cases)
 
@@ -414,13 +417,12 @@ def _describe(cases: set[str]) -> str:
 
 def read_splits(preprocessed: Path | None) -> list[set[str]] | None:
     """Validation case sets of ``splits_final.json``, None if absent or unreadable."""
-    path = preprocessed / "splits_final.json" if preprocessed else None
+    path = preprocessed / SPLITS_JSON if preprocessed else None
     if path is None or not path.is_file():
         return None
     try:
-        splits = json.loads(path.read_text())
-        return [set(s["val"]) for s in splits]
-    except (OSError, ValueError, TypeError, KeyError):
+        return [set(s["val"]) for s in read_json(path, expect=list)]
+    except (UserError, TypeError, KeyError):
         return None
 
 
@@ -437,11 +439,11 @@ def _fold_assignment(
         return expected
     if splits is None:
         raise CompareInputError(
-            "all models are merged folders (ensembles / crossval_results): their cases are assigned to folds "
-            "by $nnUNet_preprocessed/DATASET/splits_final.json, which cannot be read"
+            f"all models are merged folders (ensembles / {CROSSVAL_RESULTS_PREFIX}*): their cases are assigned to "
+            f"folds by $nnUNet_preprocessed/DATASET/{SPLITS_JSON}, which cannot be read"
         )
     if max(folds) >= len(splits):
-        raise CompareInputError(f"splits_final.json has {len(splits)} folds; fold {max(folds)} does not exist")
+        raise CompareInputError(f"{SPLITS_JSON} has {len(splits)} folds; fold {max(folds)} does not exist")
     return {f: splits[f] for f in folds}
 
 
@@ -458,8 +460,8 @@ def _check_same_cases(
     if problems:
         raise CompareInputError(
             "the validation cases differ, so the models were trained with different splits "
-            f"(splits_final.json) or the validation is incomplete: {'; '.join(problems)}. Retrain with the "
-            "same splits_final.json, or re-run the validation with `nnUNetv2_train ... --val`"
+            f"({SPLITS_JSON}) or the validation is incomplete: {'; '.join(problems)}. Retrain with the "
+            f"same {SPLITS_JSON}, or re-run the validation with `nnUNetv2_train ... --val`"
         )
 
 
@@ -488,7 +490,7 @@ def _configuration_identity(model: ModelResults, configuration: str) -> dict:
     while name is not None:
         if not isinstance(configs, dict) or name not in configs or name in seen:
             raise CompareInputError(
-                f"{model.folder}/plans.json has no (resolvable) configuration {name!r}: was it trained on "
+                f"{model.folder}/{PLANS_JSON} has no (resolvable) configuration {name!r}: was it trained on "
                 f"configuration {configuration}?"
             )
         seen.append(name)
@@ -510,7 +512,7 @@ def _check_plans(comparison: Comparison) -> None:
     for m in comparison.models:
         if m.plans.get("dataset_name") != comparison.dataset:
             raise CompareInputError(
-                f"{m.folder}/plans.json belongs to {m.plans.get('dataset_name')!r}, not {comparison.dataset}"
+                f"{m.folder}/{PLANS_JSON} belongs to {m.plans.get('dataset_name')!r}, not {comparison.dataset}"
             )
         if m in checked:
             continue
@@ -518,7 +520,7 @@ def _check_plans(comparison: Comparison) -> None:
             why = "is a merged folder (ensemble or collected cross-validation results)"
         else:
             why = f"uses plans {m.plans_identifier} / configuration {m.configuration}, not the -p/-c given"
-        comparison.notes.append(f"{m.name} {why}: only its validation cases were checked, not its plans.json.")
+        comparison.notes.append(f"{m.name} {why}: only its validation cases were checked, not its {PLANS_JSON}.")
     if len(checked) < 2:
         return
     first = _configuration_identity(checked[0], comparison.configuration)
@@ -533,7 +535,7 @@ def _check_plans(comparison: Comparison) -> None:
             differing += [k for k in first if k != "configuration" and first[k] != other[k]]
             raise CompareInputError(
                 f"{m.name} and {checked[0].name} were trained with different plans for configuration "
-                f"{comparison.configuration} (plans.json differs in: {', '.join(differing)}). Retrain both "
+                f"{comparison.configuration} ({PLANS_JSON} differs in: {', '.join(differing)}). Retrain both "
                 "after the same nnUNetv2_plan_and_preprocess"
             )
 
@@ -542,7 +544,7 @@ def load_comparison(
     dataset: str,
     configuration: str,
     entries: list[str],
-    plans_identifier: str = "nnUNetPlans",
+    plans_identifier: str = DEFAULT_PLANS,
     folds: list[int] | tuple[int, ...] = DEFAULT_FOLDS,
     arms: list[Arm] | None = None,
     allow_unequal_training: bool = False,
@@ -596,11 +598,11 @@ def load_comparison(
 
 def training_length(model: ModelResults, fold: int) -> tuple[int, int] | None:
     """(epochs, iterations per epoch) of one fold from nnU-Net's ``debug.json``; None if it is not there."""
-    path = fold_folder(model.folder, fold) / DEBUG_FILE
+    path = fold_folder(model.folder, fold) / DEBUG_JSON
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         return tuple(int(data[k]) for k in TRAINING_LENGTH_KEYS)  # type: ignore[return-value]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -623,7 +625,7 @@ def check_training_lengths(comparison: Comparison, allow_unequal: bool = False) 
         if len(set(known.values())) > 1:
             raise CompareInputError(
                 f"{m.name} holds folds trained for different lengths ({_describe_lengths(known)}, from "
-                f"{DEBUG_FILE}): retrain the odd folds with the same budget (a *_Budget trainer reads it from "
+                f"{DEBUG_JSON}): retrain the odd folds with the same budget (a *_Budget trainer reads it from "
                 "NNUNET_SELFREG_BUDGET_EPOCHS / _ITERATIONS)"
             )
         lengths[m.name] = next(iter(known.values()))
@@ -644,7 +646,7 @@ def check_training_lengths(comparison: Comparison, allow_unequal: bool = False) 
         comparison.notes.append(f"the arms were trained for different lengths: {_describe_lengths(firsts)}.")
     if unchecked:
         comparison.notes.append(
-            f"training length not checked for {', '.join(unchecked)}: no readable fold_F/{DEBUG_FILE} "
+            f"training length not checked for {', '.join(unchecked)}: no readable {FOLD_PREFIX}F/{DEBUG_JSON} "
             "(merged folders and copied results lack it)."
         )
 
@@ -664,12 +666,12 @@ def _note_mixed_trainers(comparison: Comparison) -> None:
 
 def _note_splits(comparison: Comparison, expected: dict[int, set[str]], splits: list[set[str]] | None) -> None:
     if splits is None:
-        comparison.notes.append("splits_final.json not found: the folds were not checked against it.")
+        comparison.notes.append(f"{SPLITS_JSON} not found: the folds were not checked against it.")
         return
     differing = [f for f in comparison.folds if f >= len(splits) or splits[f] != expected[f]]
     if differing:
         comparison.notes.append(
-            f"the validation cases of fold(s) {differing} differ from the current splits_final.json "
+            f"the validation cases of fold(s) {differing} differ from the current {SPLITS_JSON} "
             "(all compared models agree with each other, so the pairing is valid; the splits file may have "
             "been regenerated after training)."
         )
@@ -680,7 +682,7 @@ def reference_file(comparison: Comparison, case: str) -> Path:
     base = comparison.baseline
     candidates = []
     if comparison.preprocessed_folder is not None:
-        candidates.append(comparison.preprocessed_folder / "gt_segmentations" / f"{case}{base.file_ending}")
+        candidates.append(comparison.preprocessed_folder / GT_SEGMENTATIONS / f"{case}{base.file_ending}")
     candidates.append(Path(base.cases[case].reference_file))
     for path in candidates:
         if path.is_file():

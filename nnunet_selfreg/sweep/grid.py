@@ -13,14 +13,25 @@ name, and ``compare`` reads ``_Rep{k}`` as another run of ``X``
 
 from __future__ import annotations
 
-import json
 import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
-from nnunet_selfreg.nnunet_folders import model_folder_name, require_env_folder, resolve_dataset
+from nnunet_selfreg.json_files import read_json
+from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    DEFAULT_PLANS,
+    FINGERPRINT_JSON,
+    FOLD_PREFIX,
+    SPLITS_JSON,
+    model_folder_name,
+    parse_fold,
+    plans_file_name,
+    require_env_folder,
+    resolve_dataset,
+)
 
 __all__ = ["Grid", "GridSpec", "Job", "check_trainer_names", "plan_grid", "run_name"]
 
@@ -52,7 +63,7 @@ class Job:
     @property
     def key(self) -> str:
         """Unique within a dataset's results: ``TRAINER__PLANS__CONFIGURATION/fold_X``."""
-        return f"{self.model_folder}/fold_{self.fold}"
+        return f"{self.model_folder}/{FOLD_PREFIX}{self.fold}"
 
     @property
     def file_key(self) -> str:
@@ -60,7 +71,7 @@ class Job:
         return self.key.replace("/", "__")
 
     def fold_dir(self, results: Path) -> Path:
-        return Path(results) / self.dataset / self.model_folder / f"fold_{self.fold}"
+        return Path(results) / self.dataset / self.model_folder / f"{FOLD_PREFIX}{self.fold}"
 
     def record(self) -> dict:
         """The job's fixed facts, as the manifest stores them."""
@@ -95,7 +106,7 @@ class GridSpec:
     configurations: tuple[str, ...]
     trainers: tuple[str, ...]
     folds: tuple[str, ...] = ("0", "1", "2", "3", "4")
-    plans: str = "nnUNetPlans"
+    plans: str = DEFAULT_PLANS
     repeats: int = 1
 
 
@@ -115,28 +126,25 @@ class Grid:
 
 
 def _parse_fold(text: str) -> int | str:
-    if text == "all":
-        return "all"
     try:
-        fold = int(text)
-    except ValueError:
-        raise UserError(f"fold {text!r} is neither a number nor 'all'") from None
-    if fold < 0:
-        raise UserError(f"fold {fold} is negative")
-    return fold
+        return parse_fold(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _load_plans(preprocessed: Path, dataset: str, plans: str) -> dict:
-    path = preprocessed / dataset / f"{plans}.json"
+    path = preprocessed / dataset / plans_file_name(plans)
     if not path.is_file():
         have = sorted(
-            p.stem for p in (preprocessed / dataset).glob("*.json") if p.stem not in ("dataset", "splits_final")
+            p.stem
+            for p in (preprocessed / dataset).glob("*.json")
+            if p.name not in (DATASET_JSON, SPLITS_JSON, FINGERPRINT_JSON)
         )
         raise UserError(
             f"no plans {plans!r} for {dataset} ({path} is missing; plans there: {', '.join(have) or 'none'}): run "
             f"nnUNetv2_plan_and_preprocess -d {dataset} first, or pass -p with one of those"
         )
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _check_configurations(plans: dict, configurations: tuple[str, ...], preprocessed: Path, spec: GridSpec) -> None:
@@ -165,7 +173,7 @@ def _check_configurations(plans: dict, configurations: tuple[str, ...], preproce
 
 def _splits(preprocessed: Path, data_folder: Path) -> list:
     """nnU-Net's ``splits_final.json``, created by nnU-Net's own ``do_split`` if missing (5 folds, seed 12345)."""
-    path = preprocessed / "splits_final.json"
+    path = preprocessed / SPLITS_JSON
     if not path.is_file():
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -178,7 +186,7 @@ def _splits(preprocessed: Path, data_folder: Path) -> list:
             print_to_log_file=lambda *args, **kwargs: None,
         )
         nnUNetTrainer.do_split(stand_in)
-    return json.loads(path.read_text())
+    return read_json(path, expect=list)
 
 
 def _check_folds(folds: list[int | str], splits: list) -> None:
@@ -189,7 +197,7 @@ def _check_folds(folds: list[int | str], splits: list) -> None:
     for fold in folds:
         if fold != "all" and fold >= len(splits):
             raise UserError(
-                f"fold {fold} is not in splits_final.json ({len(splits)} splits: folds 0-{len(splits) - 1}); nnU-Net "
+                f"fold {fold} is not in {SPLITS_JSON} ({len(splits)} splits: folds 0-{len(splits) - 1}); nnU-Net "
                 "would train it on a random 80:20 split instead. Use those folds or add splits to the file"
             )
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import submitit
 
+from nnunet_selfreg.nnunet_folders import validation_summary
 from nnunet_selfreg.sweep.locks import FileLock
 from nnunet_selfreg.sweep.manifest import Manifest
 from nnunet_selfreg.sweep.preemption import (
@@ -201,7 +202,7 @@ def _run_attempt(attempt: _Attempt, job: dict, dataset: str, options: dict, cont
         raise
     attempt.train_end = time.perf_counter()
     if not is_done(fold_dir):
-        message = f"nnU-Net's training ended without {fold_dir}/validation/summary.json"
+        message = f"nnU-Net's training ended without {validation_summary(fold_dir)}"
         attempt.end("failed", error=message)
         raise RuntimeError(message)
     attempt.end("done")

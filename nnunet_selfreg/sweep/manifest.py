@@ -19,10 +19,11 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.outputs import write_file_atomically
+from nnunet_selfreg.report_folder import package_version
 from nnunet_selfreg.sweep.locks import FileLock
 
 __all__ = ["FORMAT", "JOB_STATES", "Manifest", "now", "package_versions"]
@@ -40,13 +41,8 @@ def now() -> str:
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("nnunet-selfreg", "nnunetv2", "torch", "submitit", "dynamic-network-architectures"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    dists = ("nnunet-selfreg", "nnunetv2", "torch", "submitit", "dynamic-network-architectures")
+    return {"python": platform.python_version(), **{dist: package_version(dist) for dist in dists}}
 
 
 def _recorded_env() -> dict[str, str]:
@@ -67,7 +63,7 @@ class Manifest:
         return self.path.is_file()
 
     def read(self) -> dict:
-        return json.loads(self.path.read_text())
+        return read_json(self.path)
 
     @contextmanager
     def editing(self) -> Iterator[dict]:

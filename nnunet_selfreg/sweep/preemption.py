@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nnunet_selfreg.sweep.state import LATEST_CHECKPOINT
+from nnunet_selfreg.nnunet_folders import LATEST_CHECKPOINT
 
 __all__ = [
     "STOP_SIGNALS",

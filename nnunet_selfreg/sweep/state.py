@@ -8,17 +8,15 @@ training logs (``Epoch k`` and ``Epoch time: t s`` lines) and ``debug.json`` (``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
+from nnunet_selfreg.nnunet_folders import CHECKPOINTS, DEBUG_JSON, FINAL_CHECKPOINT, training_logs, validation_summary
 
 __all__ = [
-    "CHECKPOINTS",
-    "FINAL_CHECKPOINT",
-    "LATEST_CHECKPOINT",
     "Progress",
     "check_budget",
     "checkpoint_to_continue",
@@ -28,19 +26,13 @@ __all__ = [
     "training_progress",
 ]
 
-FINAL_CHECKPOINT = "checkpoint_final.pth"
-LATEST_CHECKPOINT = "checkpoint_latest.pth"
-#: the checkpoints ``nnUNetv2_train --c`` continues from, in the order it tries them
-CHECKPOINTS = (FINAL_CHECKPOINT, LATEST_CHECKPOINT, "checkpoint_best.pth")
-SUMMARY = Path("validation") / "summary.json"
-
 _EPOCH = re.compile(r": Epoch (\d+)\s*$")
 _EPOCH_TIME = re.compile(r": Epoch time: ([0-9.]+) s")
 
 
 def is_done(fold_dir: Path) -> bool:
     """Trained and validated: nnU-Net's final checkpoint and its validation summary exist."""
-    return (fold_dir / FINAL_CHECKPOINT).is_file() and (fold_dir / SUMMARY).is_file()
+    return (fold_dir / FINAL_CHECKPOINT).is_file() and validation_summary(fold_dir).is_file()
 
 
 def checkpoint_to_continue(fold_dir: Path) -> Path | None:
@@ -60,8 +52,8 @@ def fold_state(fold_dir: Path) -> str:
 
 def _debug_info(fold_dir: Path) -> dict | None:
     try:
-        return json.loads((fold_dir / "debug.json").read_text())
-    except (OSError, ValueError):
+        return read_json(fold_dir / DEBUG_JSON)
+    except UserError:
         return None
 
 
@@ -96,7 +88,7 @@ class Progress:
 
 def training_progress(fold_dir: Path) -> Progress | None:
     """Progress from nnU-Net's training logs in ``fold_dir`` (newest last), None before the first epoch."""
-    logs = sorted(fold_dir.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime) if fold_dir.is_dir() else []
+    logs = training_logs(fold_dir)
     epoch, times = None, []
     for log in logs:
         try:

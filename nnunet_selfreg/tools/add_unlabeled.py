@@ -11,7 +11,10 @@ import argparse
 from pathlib import Path
 
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    SPLITS_JSON,
     dataset_folders_with_id,
     env_folder,
     find_free_dataset_id,
@@ -22,7 +25,7 @@ from nnunet_selfreg.nnunet_folders import (
 DESCRIPTION = (
     "Write a new dataset in $nnUNet_raw: the labelled dataset SOURCE (copied unchanged) plus the images of "
     "UNLABELED_FOLDER as unlabelled training cases (label maps filled with nnU-Net's ignore label, listed in "
-    "dataset.json under \"nnunet_selfreg\"). Unlabelled images use the dataset's file ending and nnU-Net's naming "
+    f"{DATASET_JSON} under \"nnunet_selfreg\"). Unlabelled images use the dataset's file ending and nnU-Net's naming "
     "CASE_XXXX<ending>; single-channel datasets also accept CASE<ending>. With --keep-labels (the papers' 5% / "
     "10% protocol), only that many labelled cases keep their labels; -i is then optional. Nothing existing is "
     "overwritten."
@@ -103,7 +106,7 @@ def _next_steps(new_id: int, n_labeled: int) -> list[str]:
         f"  note: {_cases(n_labeled)} with labels: nnU-Net's 5-fold cross-validation needs "
         "at least 5, so folds 0-4 cannot be trained. Fold 'all' trains on every labelled case (its validation "
         "scores those same cases: no held-out result); for a held-out result keep more labels, or write your own "
-        "splits_final.json into the dataset's nnUNet_preprocessed folder (unlabelled cases in 'train' only)",
+        f"{SPLITS_JSON} into the dataset's nnUNet_preprocessed folder (unlabelled cases in 'train' only)",
         *steps,
         f"  nnUNetv2_train {new_id} CONFIGURATION all -tr nnUNetTrainerSSNet   # 2d, 3d_fullres, ...",
         f"  nnUNetv2_train {new_id} CONFIGURATION all -tr nnUNetTrainer_LabeledOnly   # baseline, same cases",
@@ -143,9 +146,7 @@ def run(args: argparse.Namespace) -> int:
     except SemiSupervisedDataError as e:
         raise UserError(str(e)) from None
 
-    import json
-
-    dataset_json = json.loads((target / "dataset.json").read_text())
+    dataset_json = read_json(target / DATASET_JSON)
     entry = dataset_json[SEMISUPERVISED_KEY]
     print(
         f"wrote {target}: {entry['labeled_cases']} labelled + {len(entry['unlabeled_cases'])} unlabelled cases, "

@@ -9,8 +9,10 @@ import shlex
 import time
 from pathlib import Path
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
-from nnunet_selfreg.nnunet_folders import parse_model_folder_name
+from nnunet_selfreg.json_files import read_json
+from nnunet_selfreg.nnunet_folders import FINAL_CHECKPOINT, PLANS_JSON, parse_fold, parse_model_folder_name
 
 DESCRIPTION = """\
 Load trained nnU-Net model folders (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG, any trainer whose
@@ -26,18 +28,9 @@ Writes report.md, results.json and PNG figures to -o (default ./analysis_DATASET
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _fold(text: str) -> str:
-    from nnunet_selfreg.analysis.extract import parse_fold
-
     try:
-        return parse_fold(text)
+        return str(parse_fold(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -53,11 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", dest="cases", required=True, metavar="CASES", help="folder of raw images CASE_XXXX.ext")
     p.add_argument("-f", dest="fold", type=_fold, default="0", help="fold of every model (default: 0; or 'all')")
     p.add_argument("-o", dest="output", default=None, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file (default: %(default)s)")
+    p.add_argument("--checkpoint", default=FINAL_CHECKPOINT, help="checkpoint file (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--num-cases", type=_positive_int, default=5, metavar="N", help="first N cases of CASES (default: 5)"
-    )
+    p.add_argument("--num-cases", type=positive_int, default=5, metavar="N", help="first N cases of CASES (default: 5)")
     p.add_argument("--cam-class", default=None, help="class for Grad-CAM: name or label value (default: first)")
     p.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM (saves memory on large 3D patches)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -79,11 +70,9 @@ def _device(text: str | None):
 
 def default_output(model_folder: Path) -> Path:
     """``./analysis_<dataset>_<configuration>`` from the model folder's plans.json and name (``T__P__C``)."""
-    import json
-
     try:
-        dataset = json.loads((model_folder / "plans.json").read_text())["dataset_name"]
-    except (OSError, ValueError, KeyError, TypeError):
+        dataset = read_json(model_folder / PLANS_JSON)["dataset_name"]
+    except (UserError, KeyError, TypeError):
         dataset = model_folder.parent.name
     parts = parse_model_folder_name(model_folder.name)
     configuration = parts[2] if parts else model_folder.name

@@ -12,38 +12,43 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
 from nnunet_selfreg.evaluation.results import DEFAULT_FOLDS, CompareInputError, Comparison
+from nnunet_selfreg.nnunet_folders import (
+    CROSSVAL_RESULTS_PREFIX,
+    DEBUG_JSON,
+    DEFAULT_PLANS,
+    FOLD_PREFIX,
+    GT_SEGMENTATIONS,
+    SPLITS_JSON,
+    SUMMARY_JSON,
+    VALIDATION_FOLDER,
+)
 
 if TYPE_CHECKING:
     from nnunet_selfreg.evaluation.model import Arm
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Compare nnU-Net trainers on their cross-validation results, case by case. The first -tr is the baseline.
 
-Each -tr is a trainer name (results in $nnUNet_results/DATASET/TRAINER__PLANS__CONFIG/fold_F/validation)
+Each -tr is a trainer name (results in
+$nnUNet_results/DATASET/TRAINER__PLANS__CONFIG/{FOLD_PREFIX}F/{VALIDATION_FOLDER})
 or any results folder under $nnUNet_results/DATASET given by its relative path, e.g.
-'ensembles/ensemble___A__P__C___B__P__C___0_1_2_3_4' or 'T__P__C/crossval_results_folds_0_1_2_3_4'
-(a folder with one summary.json for all cases; its cases are assigned to the folds of the other models,
-or of splits_final.json).
+'ensembles/ensemble___A__P__C___B__P__C___0_1_2_3_4' or 'T__P__C/{CROSSVAL_RESULTS_PREFIX}0_1_2_3_4'
+(a folder with one {SUMMARY_JSON} for all cases; its cases are assigned to the folds of the other models,
+or of {SPLITS_JSON}).
 
 Repeated training runs: X, X_Rep2, X_Rep3 (and X_Budget_Rep2, X_Rep2_Budget ...) are runs of one arm X;
 NAME=RUN,RUN,... makes an arm of any runs. With two or more runs in each arm, every comparison gets a
 run-level test, a run-aware interval, the run-to-run SD and the smallest difference the design detects.
 With one run per arm, the p-values compare trained models and cannot support a claim about a method.
 
-Dice and IoU come from nnU-Net's summary.json files; HD95 and normalised surface Dice (MONAI's values) are
-computed from the predictions and $nnUNet_preprocessed/DATASET/gt_segmentations, once per case and model
+Dice and IoU come from nnU-Net's {SUMMARY_JSON} files; HD95 and normalised surface Dice (MONAI's values) are
+computed from the predictions and $nnUNet_preprocessed/DATASET/{GT_SEGMENTATIONS}, once per case and model
 (kept in $nnUNet_results/DATASET/compare_cache; --no-cache recomputes). Writes report.md, results.json and
 PNG figures to -o (default $nnUNet_results/DATASET/compare_A_vs_B_..._CONFIG).
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def available_cpus() -> int:
@@ -77,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="two or more arms: trainers or result folders (X_Rep2 ... join arm X), or NAME=RUN,RUN,... for an "
         "arm of several runs; the first arm is the baseline",
     )
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-p", dest="plans", default=DEFAULT_PLANS, help=f"plans identifier (default: {DEFAULT_PLANS})")
     p.add_argument(
         "-f",
         dest="folds",
@@ -89,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", dest="output", default=None, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--n-boot", type=_positive_int, default=9999, help="bootstrap resamples (default: 9999)")
+    p.add_argument("--n-boot", type=positive_int, default=9999, help="bootstrap resamples (default: 9999)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default: 0)")
     p.add_argument(
         "--nsd-tolerance",
@@ -122,12 +127,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-unequal-training",
         action="store_true",
-        help="compare arms trained for different lengths (epochs x iterations in each fold's debug.json)",
+        help=f"compare arms trained for different lengths (epochs x iterations in each fold's {DEBUG_JSON})",
     )
     p.add_argument(
         "-np",
         dest="num_processes",
-        type=_positive_int,
+        type=positive_int,
         default=default_num_processes,
         help=f"processes for the surface metrics (default: the CPUs available, {default_num_processes} here)",
     )

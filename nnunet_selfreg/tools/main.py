@@ -12,7 +12,7 @@ import sys
 
 from nnunet_selfreg.errors import UserError
 
-__all__ = ["TOOLS", "UserError", "build_parser", "main"]
+__all__ = ["TOOLS", "build_parser", "main"]
 
 #: sub-command modules, in the order ``--help`` lists them
 TOOLS = ("demo", "compare", "sweep", "doctor", "export_stock", "add_unlabeled", "analyze")

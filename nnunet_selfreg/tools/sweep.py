@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.errors import UserError
-from nnunet_selfreg.tools.compare import _positive_int
+from nnunet_selfreg.nnunet_folders import DEFAULT_PLANS, LATEST_CHECKPOINT
 
 DESCRIPTION = """\
 Train every (configuration, trainer, fold, run) of a grid with nnU-Net's own training entry point
@@ -156,9 +157,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", dest="dataset", default=None, help="dataset id or name")
     p.add_argument("-c", dest="configurations", nargs="+", default=[], help="configurations, e.g. 2d 3d_fullres")
     p.add_argument("-tr", dest="trainers", nargs="+", default=[], help="trainers; the first is compare's baseline")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-p", dest="plans", default=DEFAULT_PLANS, help=f"plans identifier (default: {DEFAULT_PLANS})")
     p.add_argument("-f", dest="folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default: 0 1 2 3 4)")
-    p.add_argument("--repeats", type=_positive_int, default=1, help="runs per trainer: X, X_Rep2, … (default: 1)")
+    p.add_argument("--repeats", type=positive_int, default=1, help="runs per trainer: X, X_Rep2, … (default: 1)")
     p.add_argument("--npz", action="store_true", help="nnU-Net's --npz: keep the validation probabilities")
     p.add_argument(
         "--device",
@@ -168,9 +169,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--save-every",
-        type=_positive_int,
+        type=positive_int,
         default=None,
-        help="write checkpoint_latest.pth every N epochs (default: the trainer's, nnU-Net's 50); a stop signal "
+        help=f"write {LATEST_CHECKPOINT} every N epochs (default: the trainer's, nnU-Net's 50); a stop signal "
         "saves one anyway",
     )
     p.add_argument("--name", default="default", help="the sweep's name, its manifest's folder (default: default)")
@@ -183,19 +184,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true", help="then run compare on the finished grid (implies --wait)")
     local = p.add_argument_group("local executor")
     local.add_argument(
-        "--workers", type=_positive_int, default=None, help="jobs at a time (default: one per visible GPU, else 1)"
+        "--workers", type=positive_int, default=None, help="jobs at a time (default: one per visible GPU, else 1)"
     )
     slurm = p.add_argument_group("slurm executor (submitit job array)")
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--gpus-per-job", type=int, default=0, help="0 or 1 (one fold per GPU)")
-    slurm.add_argument("--cpus-per-job", type=_positive_int, default=None)
+    slurm.add_argument("--cpus-per-job", type=positive_int, default=None)
     slurm.add_argument("--mem", default=None, help="memory per job, e.g. 32G")
     slurm.add_argument("--time", default=None, help="time limit per job (required), e.g. 24:00:00 or 1-12:00:00")
     slurm.add_argument("--account", default=None)
-    slurm.add_argument("--max-parallel", type=_positive_int, default=None, help="jobs of the array running at once")
+    slurm.add_argument("--max-parallel", type=positive_int, default=None, help="jobs of the array running at once")
     slurm.add_argument(
         "--signal-delay",
-        type=_positive_int,
+        type=positive_int,
         default=120,
         help="seconds before the time limit at which SLURM warns a job (USR2); it saves and requeues (default: 120)",
     )

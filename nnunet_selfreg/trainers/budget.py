@@ -19,6 +19,7 @@ import os
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_selfreg.arguments import positive_int
 from nnunet_selfreg.trainers.variants import derive_trainer
 
 ENV_EPOCHS = "NNUNET_SELFREG_BUDGET_EPOCHS"
@@ -26,7 +27,7 @@ ENV_ITERATIONS = "NNUNET_SELFREG_BUDGET_ITERATIONS"
 ENV_VAL_ITERATIONS = "NNUNET_SELFREG_BUDGET_VAL_ITERATIONS"
 
 
-def _positive_int(name: str, default: int | None = None) -> int:
+def _positive_int_from_env(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
@@ -37,17 +38,18 @@ def _positive_int(name: str, default: int | None = None) -> int:
             )
         return default
     try:
-        value = int(raw)
-    except ValueError:
-        raise RuntimeError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise RuntimeError(f"{name}={value} must be >= 1")
-    return value
+        return positive_int(raw)
+    except ValueError as e:
+        raise RuntimeError(f"{name}={raw!r}: {e}") from None
 
 
 def budget_from_env() -> tuple[int, int, int]:
     """(epochs, iterations, validation iterations) from the environment; RuntimeError saying what to set."""
-    return _positive_int(ENV_EPOCHS), _positive_int(ENV_ITERATIONS), _positive_int(ENV_VAL_ITERATIONS, 5)
+    return (
+        _positive_int_from_env(ENV_EPOCHS),
+        _positive_int_from_env(ENV_ITERATIONS),
+        _positive_int_from_env(ENV_VAL_ITERATIONS, 5),
+    )
 
 
 def apply_env_budget(trainer: nnUNetTrainer) -> None:

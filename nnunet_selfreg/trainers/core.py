@@ -13,9 +13,12 @@ another method's trainer:
   request ``_Rep2`` / ``_Rep3``), which is where nnU-Net finds them (docs/discovery.md; other variant
   names of any trainer are answered on demand by :mod:`nnunet_selfreg.trainers.on_demand`); a trainer
   module in a user's ``nnUNet_extTrainer`` folder ends with ``__all__ = define_trainers(globals())``;
-- :meth:`attach_feature_taps`, by convention: a trainer whose loss reads forward hooks attaches them
-  there (``on_train_start`` calls it before the first forward, so a ``torch.compile``-d network traces
-  them); tools that drive ``train_step`` directly (``benchmarks/step_cost.py``) call it too.
+- :func:`checkpoint_entries` for state beyond the network (heads, memories, which weights a loss used):
+  it joins the checkpoint nnU-Net's own ``save_checkpoint`` writes, in that one write;
+- :meth:`attach_feature_taps` and :meth:`detach_feature_taps`, by convention: a trainer whose loss reads
+  forward hooks attaches them in the first (``on_train_start`` calls it before the first forward, so a
+  ``torch.compile``-d network traces them) and removes them in the second (``on_train_end``); tools that
+  drive ``train_step`` directly (``benchmarks/step_cost.py``) call the functions of the same names.
 
 docs/extending.md walks through a new method written on this module.
 """
@@ -23,11 +26,13 @@ docs/extending.md walks through a new method written on this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from nnunet_selfreg.epoch_stats import EpochMeans, EpochStats, format_means, log_epoch_means
 from nnunet_selfreg.trainers.budget import make_budget_variant
@@ -39,7 +44,9 @@ __all__ = [
     "EpochStats",
     "Registration",
     "attach_feature_taps",
+    "checkpoint_entries",
     "define_trainers",
+    "detach_feature_taps",
     "epoch_seed",
     "format_means",
     "install_extended_logger",
@@ -78,6 +85,47 @@ def attach_feature_taps(trainer) -> None:
         attach()
 
 
+#: keys of the dict nnU-Net's ``save_checkpoint`` builds (2.8.1): how its checkpoint is told from other saves
+_NNUNET_CHECKPOINT_KEYS = frozenset({"network_weights", "optimizer_state", "current_epoch", "trainer_name"})
+
+
+@contextmanager
+def checkpoint_entries(filename: str, entries: Callable[[], dict]) -> Iterator[None]:
+    """Around ``super().save_checkpoint(filename)``: nnU-Net's checkpoint gains ``entries()``, written once.
+
+    nnU-Net 2.8.1 builds its checkpoint dict and passes it to ``torch.save`` within ``save_checkpoint``,
+    with no method to extend the dict. Copying that method's body would fork nnU-Net's checkpoint
+    format; loading the written file and saving it again doubles the I/O of every checkpoint and leaves,
+    between the two writes, a file the method cannot resume from. Instead, for the duration of the block,
+    the ``torch.save`` of that dict to ``filename`` (and nothing else) adds ``entries()`` (called only
+    then: not on DDP ranks > 0 or with checkpointing disabled, where nnU-Net saves nothing). A wrapper of
+    the whole ``save_checkpoint`` (``sweep``'s atomic writes) still sees a single write.
+    """
+    save = torch.save
+
+    def save_with_entries(obj: object, f: object, *args: Any, **kwargs: Any) -> None:
+        if f == filename and isinstance(obj, dict) and _NNUNET_CHECKPOINT_KEYS <= obj.keys():
+            obj = {**obj, **entries()}
+        save(obj, f, *args, **kwargs)
+
+    torch.save = save_with_entries
+    try:
+        yield
+    finally:
+        torch.save = save
+
+
+def detach_feature_taps(trainer) -> None:
+    """Remove the trainer's forward hooks, if it has any (its ``detach_feature_taps`` method)."""
+    detach: Callable[[], None] | None = getattr(trainer, "detach_feature_taps", None)
+    if detach is not None:
+        detach()
+
+
+#: ``timed`` of a registration: time it in ``benchmarks/step_cost.py`` by default, or with ``--variants all``
+TIMED = ("default", "all")
+
+
 @dataclass(frozen=True)
 class Registration:
     """A trainer class and the variant families ``nnunet_selfreg.trainers`` defines for it."""
@@ -87,6 +135,7 @@ class Registration:
     budget: bool  # ``_Budget``: epochs and iterations from the environment (also for the repeats)
     repeats: bool  # ``_Rep2`` / ``_Rep3``: the same trainer under another name (run-to-run noise)
     export: bool  # the class itself under its own name (False for nnU-Net's stock trainer)
+    timed: str | None = None  # its step cost is measured: "default", "all" (see TIMED); None: when named
 
 
 _PACKAGE = __name__.rpartition(".")[0]  # nnunet_selfreg.trainers
@@ -101,6 +150,7 @@ def register_trainer(
     budget: bool = True,
     repeats: bool = False,
     export: bool = True,
+    timed: str | None = None,
 ) -> T | Callable[[T], T]:
     """Class decorator: make ``cls`` and its variants trainers that nnU-Net finds by name.
 
@@ -109,8 +159,12 @@ def register_trainer(
     its variants in a module (``nnunet_selfreg.trainers`` for the package's own trainer modules, the
     trainer module itself for one in a user's ``nnUNet_extTrainer`` folder). Two different classes
     under one name raise (nnU-Net picks trainers by name); the same module imported again (nnU-Net
-    re-imports ``nnUNet_extTrainer`` modules) replaces its earlier registration.
+    re-imports ``nnUNet_extTrainer`` modules) replaces its earlier registration. ``timed`` says which
+    trainers ``benchmarks/step_cost.py`` times: ``"default"`` in every run, ``"all"`` with ``--variants
+    all`` (one trainer per cost: an ablation that only changes a weight would time the same step again).
     """
+    if timed not in (None, *TIMED):
+        raise ValueError(f"timed must be None or one of {TIMED}, got {timed!r}")
 
     def decorate(c: T) -> T:
         known = _REGISTRY.get(c.__name__)
@@ -119,7 +173,7 @@ def register_trainer(
                 f"two trainers are registered as {c.__name__} ({known.cls.__module__} and {c.__module__}); "
                 "nnU-Net selects trainers by class name: rename one"
             )
-        _REGISTRY[c.__name__] = Registration(c, epochs, budget, repeats, export)
+        _REGISTRY[c.__name__] = Registration(c, epochs, budget, repeats, export, timed)
         _DEFINED.discard(c.__name__)
         return c
 

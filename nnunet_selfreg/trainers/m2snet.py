@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
@@ -36,8 +35,14 @@ from nnunet_selfreg.losses.lossnet import (
 )
 from nnunet_selfreg.losses.structure import StructureLoss
 from nnunet_selfreg.networks.m2snet import build_m2snet
-from nnunet_selfreg.outputs import write_file_atomically
-from nnunet_selfreg.trainers.core import epoch_seed, log_epoch_means, register_trainer, validate_weight
+from nnunet_selfreg.nnunet_folders import DEBUG_JSON
+from nnunet_selfreg.trainers.core import (
+    checkpoint_entries,
+    epoch_seed,
+    log_epoch_means,
+    register_trainer,
+    validate_weight,
+)
 from nnunet_selfreg.trainers.progress import install_extended_logger
 
 LOG_KEY = "m2snet_lossnet"
@@ -203,7 +208,7 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
                 f"  its sha256 is {self.lossnet.sha256}",
                 f"  expected      {self.lossnet.provenance()['expected_sha256']} (vgg16-397923af.pth).",
                 f"  Training goes on with these weights (${ENV_VGG16_WEIGHTS} may point at your own); the sha256 is",
-                "  recorded in debug.json and in every checkpoint. Results are not the paper's ImageNet LossNet.",
+                f"  recorded in {DEBUG_JSON} and in every checkpoint. Results are not the paper's ImageNet LossNet.",
                 "!" * 100,
             ):
                 self.print_to_log_file(line, also_print_to_console=True)
@@ -269,16 +274,17 @@ class nnUNetTrainerM2SNet(nnUNetTrainer):
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing or self.lossnet is None or not isfile(filename):
-            return
-        # nnU-Net's save_checkpoint has no hook for extra entries: record the LossNet weights in the file it wrote
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint[CHECKPOINT_KEY] = {**self.lossnet.provenance(), "weight": self.lossnet_weight}
-        write_file_atomically(filename, lambda tmp: torch.save(checkpoint, tmp))
+        # which LossNet weights the run used joins the checkpoint nnU-Net writes (core.checkpoint_entries)
+        with checkpoint_entries(filename, self._lossnet_checkpoint_entry):
+            super().save_checkpoint(filename)
+
+    def _lossnet_checkpoint_entry(self) -> dict:
+        if self.lossnet is None:
+            return {}
+        return {CHECKPOINT_KEY: {**self.lossnet.provenance(), "weight": self.lossnet_weight}}
 
 
-@register_trainer
+@register_trainer(timed="all")
 class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
     """Ablation: the M2SNet architecture with nnU-Net's loss only."""
 
@@ -294,7 +300,8 @@ class nnUNetTrainerM2SNet_NoLossNet(nnUNetTrainerM2SNet):
         self.lossnet_weight = 0.0
 
 
-@register_trainer
+# timed in M2SNet's place: the same VGG-16 layers and input size as the ImageNet LossNet, no weights file
+@register_trainer(timed="all")
 class nnUNetTrainerM2SNet_RandomLossNet(nnUNetTrainerM2SNet):
     """M2SNet whose LossNet is a frozen, randomly initialised VGG-16 (seeded): explicitly not the paper's."""
 

@@ -169,9 +169,12 @@ class SelfRegMixin:
         # before the first forward, so that a torch.compile-d network traces the hooks
         self.selfreg_taps.attach(self.network, min_channels=1)
 
+    def detach_feature_taps(self) -> None:
+        self.selfreg_taps.detach()
+
     def on_train_end(self):
         super().on_train_end()
-        self.selfreg_taps.detach()  # no hook left for the final validation / any later use
+        self.detach_feature_taps()  # no hook left for the final validation / any later use
 
     def on_train_epoch_start(self):
         # the SCR channel sampling restarts from (seed, fold, epoch) every epoch: the generator is not in
@@ -201,12 +204,12 @@ class SelfRegMixin:
         log_epoch_means(self, means, msg)
 
 
-@register_trainer(repeats=True)
+@register_trainer(repeats=True, timed="default")
 class nnUNetTrainerSelfReg(SelfRegMixin, nnUNetTrainer):
     """nnU-Net's default trainer with SelfReg-UNet (see :class:`SelfRegMixin`)."""
 
 
-@register_trainer
+@register_trainer(timed="default")
 class nnUNetTrainerSelfReg_SCROnly(nnUNetTrainerSelfReg):
     """Ablation: semantic consistency regularisation only."""
 
@@ -242,7 +245,7 @@ class nnUNetTrainerSelfReg_RelativeLambda(nnUNetTrainerSelfReg):
         self.selfreg_lambda_relative_to_seg = True
 
 
-@register_trainer
+@register_trainer(timed="default")
 class nnUNetTrainerSelfReg_IFDOnly(nnUNetTrainerSelfReg):
     """Ablation: internal feature distillation only."""
 

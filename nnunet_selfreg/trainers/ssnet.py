@@ -9,6 +9,7 @@ case joins every training fold (see :func:`semi_supervised_keys`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,10 +37,12 @@ from nnunet_selfreg.losses.class_separation import (
 )
 from nnunet_selfreg.losses.schedule import sigmoid_rampup_weight
 from nnunet_selfreg.losses.vat import VAT_DISTANCES, VAT_INITS, frozen_batchnorm_stats, virtual_adversarial_loss
+from nnunet_selfreg.nnunet_folders import DATASET_JSON, SPLITS_JSON
 from nnunet_selfreg.outputs import write_file_atomically
 from nnunet_selfreg.taps import StageOutputTap, finest_decoder_stage, unwrap_network
 from nnunet_selfreg.trainers.core import (
     EpochStats,
+    checkpoint_entries,
     epoch_seed,
     format_means,
     log_epoch_means,
@@ -79,17 +82,11 @@ def average_gradients(parameters) -> None:
         offset += n
 
 
-def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], list[str]]:
-    """(labelled training, unlabelled training, validation) case ids of ``trainer.fold``.
-
-    Reads ``splits_final.json`` in the preprocessed folder, or writes it when absent: the labelled
-    cases in nnU-Net's own seeded 5-fold split, every unlabelled case in every training fold. A splits
-    file that validates on unlabelled cases (e.g. written by a stock trainer) is refused.
-    """
-    unlabeled = unlabeled_cases(trainer.dataset_json)
+def _check_semi_supervised_dataset(trainer: nnUNetTrainer, unlabeled: list[str]) -> None:
+    """The dataset has unlabelled cases, plain integer labels and an ignore label to fill their label maps."""
     if not unlabeled:
         raise SemiSupervisedDataError(
-            f"{trainer.__class__.__name__} needs unlabelled cases, but the dataset.json of "
+            f"{trainer.__class__.__name__} needs unlabelled cases, but the {DATASET_JSON} of "
             f"{trainer.plans_manager.dataset_name} lists none under 'nnunet_selfreg.unlabeled_cases'. Build a "
             "semi-supervised dataset with `nnunet-selfreg add-unlabeled -d <dataset> -i <folder of unlabelled "
             "images>` and preprocess it, or train the stock nnUNetTrainer on a fully labelled dataset."
@@ -105,32 +102,54 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
             "background. Add an 'ignore' label (the highest value) whose value fills the unlabelled label maps "
             "(`nnunet-selfreg add-unlabeled` does this)."
         )
+
+
+def _preprocessed_cases(trainer: nnUNetTrainer, unlabeled: list[str]) -> set[str]:
+    """The case ids of the preprocessed configuration; every unlabelled case must be among them."""
     if trainer.dataset_class is None:
         trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
     identifiers = set(trainer.dataset_class.get_identifiers(trainer.preprocessed_dataset_folder))
     missing = sorted(set(unlabeled) - identifiers)
     if missing:
         raise SemiSupervisedDataError(
-            f"{len(missing)} unlabelled case(s) listed in dataset.json are not in "
+            f"{len(missing)} unlabelled case(s) listed in {DATASET_JSON} are not in "
             f"{trainer.preprocessed_dataset_folder} (e.g. {missing[:3]}): "
             "run nnUNetv2_plan_and_preprocess again for this configuration."
         )
-    unl = set(unlabeled)
-    labeled = sorted(identifiers - unl)
-    if trainer.fold == "all":
-        return labeled, sorted(unl), labeled
-    splits_file = join(trainer.preprocessed_dataset_folder_base, "splits_final.json")
+    return identifiers
+
+
+def _splits(trainer: nnUNetTrainer, labeled: list[str], unlabeled: list[str], splits_file: str) -> list[dict]:
+    """The splits file's folds, or (absent) semi-supervised 5-fold splits, written by rank 0."""
     if isfile(splits_file):
         splits = load_json(splits_file)
         trainer.print_to_log_file(f"Using splits from existing split file: {splits_file}")
-    else:
-        splits = semi_supervised_splits(labeled, sorted(unl))
-        if trainer.local_rank == 0:
-            write_file_atomically(splits_file, lambda tmp: save_json(splits, str(tmp)))
-        trainer.print_to_log_file(
-            f"Created semi-supervised 5-fold splits ({len(labeled)} labelled cases folded, {len(unl)} unlabelled "
-            f"cases in every training fold): {splits_file}"
-        )
+        return splits
+    splits = semi_supervised_splits(labeled, unlabeled)
+    if trainer.local_rank == 0:
+        write_file_atomically(splits_file, lambda tmp: save_json(splits, str(tmp)))
+    trainer.print_to_log_file(
+        f"Created semi-supervised 5-fold splits ({len(labeled)} labelled cases folded, {len(unlabeled)} unlabelled "
+        f"cases in every training fold): {splits_file}"
+    )
+    return splits
+
+
+def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], list[str]]:
+    """(labelled training, unlabelled training, validation) case ids of ``trainer.fold``.
+
+    Reads ``splits_final.json`` in the preprocessed folder, or writes it when absent: the labelled
+    cases in nnU-Net's own seeded 5-fold split, every unlabelled case in every training fold. A splits
+    file that validates on unlabelled cases (e.g. written by a stock trainer) is refused.
+    """
+    unlabeled = unlabeled_cases(trainer.dataset_json)
+    _check_semi_supervised_dataset(trainer, unlabeled)
+    unl = set(unlabeled)
+    labeled = sorted(_preprocessed_cases(trainer, unlabeled) - unl)
+    if trainer.fold == "all":
+        return labeled, sorted(unl), labeled
+    splits_file = join(trainer.preprocessed_dataset_folder_base, SPLITS_JSON)
+    splits = _splits(trainer, labeled, sorted(unl), splits_file)
     if not isinstance(trainer.fold, int) or not 0 <= trainer.fold < len(splits):
         raise SemiSupervisedDataError(
             f"fold {trainer.fold} is not in {splits_file} ({len(splits)} folds). SS-Net does not fall back to "
@@ -141,6 +160,39 @@ def semi_supervised_keys(trainer: nnUNetTrainer) -> tuple[list[str], list[str], 
     tr_lab = [k for k in split["train"] if k not in unl]
     tr_unl = [k for k in split["train"] if k in unl]
     return tr_lab, tr_unl, list(split["val"])
+
+
+@contextlib.contextmanager
+def _training_loader_from(
+    is_training_data: Callable[[object], bool], make_loader: Callable[..., MixedBatchDataLoader]
+) -> Iterator[list]:
+    """Within the block, nnU-Net's ``get_dataloaders`` builds the training loader with ``make_loader``.
+
+    nnU-Net 2.8.1 constructs both loaders inside ``get_dataloaders`` from its trainer module's name
+    ``nnUNetDataLoader``, and offers no attribute or method that chooses the class. The alternatives are
+    worse: copying that method (transforms, augmenter processes, warm-up) forks nnU-Net's code, and
+    replacing the loader after it returns means starting and discarding a pool of augmentation workers
+    that already hold the stock loader. So, for the duration of that one call, the name answers the
+    training dataset (``is_training_data``: the datasets are made inside the same call) with
+    ``make_loader`` and everything else (the validation loader) with nnU-Net's class. Yields the
+    loaders made by ``make_loader``.
+    """
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    stock = trainer_module.nnUNetDataLoader
+    made: list = []
+
+    def loader(data, *args, **kwargs):
+        if not is_training_data(data):
+            return stock(data, *args, **kwargs)
+        made.append(make_loader(data, *args, **kwargs))
+        return made[-1]
+
+    trainer_module.nnUNetDataLoader = loader
+    try:
+        yield made
+    finally:
+        trainer_module.nnUNetDataLoader = stock
 
 
 @register_trainer
@@ -160,7 +212,7 @@ class nnUNetTrainer_LabeledOnly(nnUNetTrainer):
         return tr_lab, val
 
 
-@register_trainer
+@register_trainer(timed="all")
 class nnUNetTrainerSSNet(nnUNetTrainer):
     """SS-Net (Wu et al., MICCAI 2022) with nnU-Net's network, loss, data and schedule.
 
@@ -294,37 +346,24 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         self._ssnet_dataset_tr = dataset_tr
         return dataset_tr, dataset_val
 
+    def mixed_batch_loader(self, data, batch_size: int, *args, **kwargs) -> MixedBatchDataLoader:
+        """The training loader: nnU-Net's arguments, batches of labelled then unlabelled patches."""
+        tr_lab, tr_unl, _ = self._ssnet_keys
+        return MixedBatchDataLoader(
+            data,
+            batch_size,
+            *args,
+            labeled=tr_lab,
+            unlabeled=tr_unl,
+            num_labeled=self.ssnet_num_labeled,
+            # the labelled patches get stock nnU-Net's share of foreground-forced patches
+            reference_batch_size=self.ssnet_stock_batch_size,
+            **kwargs,
+        )
+
     def get_dataloaders(self):
-        # nnU-Net builds its training and validation loaders inside get_dataloaders; for the duration
-        # of that call the loader class it uses makes our mixed batches for the training dataset
-        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
-
-        stock = trainer_module.nnUNetDataLoader
-        made: list[MixedBatchDataLoader] = []
-
-        def make_loader(data, batch_size, *args, **kwargs):
-            if data is not self._ssnet_dataset_tr:
-                return stock(data, batch_size, *args, **kwargs)
-            tr_lab, tr_unl, _ = self._ssnet_keys
-            loader = MixedBatchDataLoader(
-                data,
-                batch_size,
-                *args,
-                labeled=tr_lab,
-                unlabeled=tr_unl,
-                num_labeled=self.ssnet_num_labeled,
-                # the labelled patches get stock nnU-Net's share of foreground-forced patches
-                reference_batch_size=self.ssnet_stock_batch_size,
-                **kwargs,
-            )
-            made.append(loader)
-            return loader
-
-        trainer_module.nnUNetDataLoader = make_loader
-        try:
+        with _training_loader_from(lambda data: data is self._ssnet_dataset_tr, self.mixed_batch_loader) as made:
             loaders = super().get_dataloaders()
-        finally:
-            trainer_module.nnUNetDataLoader = stock
         if not made:
             raise RuntimeError("nnU-Net built no training loader via nnUNetDataLoader: unsupported nnunetv2 version")
         return loaders
@@ -353,9 +392,12 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         stage, _ = finest_decoder_stage(self.network)
         self.ssnet_tap.attach(stage)  # before the first forward (torch.compile traces the hook)
 
+    def detach_feature_taps(self) -> None:
+        self.ssnet_tap.detach()
+
     def on_train_end(self):
         super().on_train_end()
-        self.ssnet_tap.detach()
+        self.detach_feature_taps()
 
     def on_train_epoch_start(self):
         self._ssnet_generator.manual_seed(epoch_seed(int(self.ssnet_seed), self.fold, int(self.current_epoch)))
@@ -418,26 +460,28 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         else:
             loss.backward()
 
-    def train_step(self, batch: dict) -> dict:
+    def _autocast(self):
+        """nnU-Net's mixed precision: autocast on CUDA, nothing elsewhere."""
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def _batch_on_device(self, batch: dict) -> tuple[Tensor, Tensor | list[Tensor]]:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
-        target = (
-            [t.to(self.device, non_blocking=True) for t in target]
-            if isinstance(target, list)
-            else target.to(self.device, non_blocking=True)
-        )
-        targets = target if isinstance(target, list) else [target]
-        n_l = self.ssnet_num_labeled
-        if not 0 < n_l < data.shape[0]:
-            raise RuntimeError(f"batch of {data.shape[0]} patches cannot hold {n_l} labelled + >= 1 unlabelled")
-        w = self.ssnet_weight()
-        amp = (lambda: autocast(self.device.type, enabled=True)) if self.device.type == "cuda" else dummy_context
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ssnet_heads.train()
+        if isinstance(target, list):
+            return data, [t.to(self.device, non_blocking=True) for t in target]
+        return data, target.to(self.device, non_blocking=True)
 
-        # 1) labelled supervision + class separation on the main forward (no DDP sync yet)
+    def _supervised_pass(
+        self, data: Tensor, target: Tensor | list[Tensor], n_l: int, w: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Forward of the whole batch: L_sup on the labelled part and L_cs, backward (no DDP sync yet).
+
+        Returns ``L_sup``, ``L_cs`` labelled and unlabelled, and the softmax of the full-resolution output
+        (VAT's target).
+        """
+        targets = target if isinstance(target, list) else [target]
         with self.network.no_sync() if self.is_ddp else contextlib.nullcontext():
-            with amp():
+            with self._autocast():
                 self.ssnet_tap.pop()
                 output = self.network(data)
                 features = self.ssnet_tap.pop()
@@ -450,10 +494,10 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
                 cs_l, cs_u = self.class_separation(features, outputs[0], targets[0], n_l)
                 l_main = l_sup + (w * float(self.ssnet_cs_weight)) * (cs_l + cs_u)
             self._backward(l_main)
-        p = torch.softmax(outputs[0].detach().float(), dim=1)
-        del output, outputs, lab_out, features, l_main
+        return l_sup, cs_l, cs_u, torch.softmax(outputs[0].detach().float(), dim=1)
 
-        # 2) VAT: direction from a probe pass (no parameter gradient), then the adversarial pass
+    def _vat_pass(self, data: Tensor, p: Tensor, w: float) -> Tensor:
+        """L_lds: VAT direction from a probe pass (no parameter gradient), then the adversarial pass; backward."""
         plain = self.network.module if self.is_ddp else self.network
         coarser: list[Tensor] = []  # deep-supervision outputs of the adversarial pass
 
@@ -470,7 +514,7 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             coarser.extend(out[1:])
             return out[0]
 
-        with amp(), frozen_batchnorm_stats(unwrap_network(self.network)):
+        with self._autocast(), frozen_batchnorm_stats(unwrap_network(self.network)):
             l_lds, _ = virtual_adversarial_loss(
                 probe_logits,
                 adversarial_logits,
@@ -486,9 +530,12 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             if self.is_ddp:  # every parameter must take part in the synchronised backward
                 l_adv = l_adv + sum(0.0 * o.float().sum() for o in coarser)
         self._backward(l_adv)
+        return l_lds
+
+    def _optimizer_step(self) -> None:
+        """Clip (the network at 12 as nnU-Net does; the heads if asked) and step, through the grad scaler on CUDA."""
         if self.is_ddp:  # the heads are not wrapped in DDP
             average_gradients(self.ssnet_heads.parameters())
-
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)  # nnU-Net's own clipping of the network
@@ -499,6 +546,18 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._batch_on_device(batch)
+        n_l = self.ssnet_num_labeled
+        if not 0 < n_l < data.shape[0]:
+            raise RuntimeError(f"batch of {data.shape[0]} patches cannot hold {n_l} labelled + >= 1 unlabelled")
+        w = self.ssnet_weight()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ssnet_heads.train()
+        l_sup, cs_l, cs_u, p = self._supervised_pass(data, target, n_l, w)
+        l_lds = self._vat_pass(data, p, w)
+        self._optimizer_step()
         self._ssnet_step += 1
         terms = torch.stack([l_sup.detach().float(), l_lds.detach(), cs_l.detach(), cs_u.detach()])
         self.ssnet_stats.add(dict(zip(SSNET_TERMS, [*terms, w], strict=True)))
@@ -525,16 +584,16 @@ class nnUNetTrainerSSNet(nnUNetTrainer):
         }
 
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing or self.ssnet_heads is None or not isfile(filename):
-            return
-        # nnU-Net's save_checkpoint has no hook for extra state: add ours to the file it wrote
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint[CHECKPOINT_KEY] = self.ssnet_state()
-        write_file_atomically(filename, lambda tmp: torch.save(checkpoint, tmp))
+        # heads, selectors and memory join the checkpoint nnU-Net writes (core.checkpoint_entries)
+        with checkpoint_entries(filename, self._ssnet_checkpoint_entry):
+            super().save_checkpoint(filename)
+
+    def _ssnet_checkpoint_entry(self) -> dict:
+        return {} if self.ssnet_heads is None else {CHECKPOINT_KEY: self.ssnet_state()}
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
+        # nnU-Net 2.8.1's load_checkpoint reads a file name only (and keeps the dict to itself): read our entry
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)

@@ -9,4 +9,4 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_selfreg.trainers.core import register_trainer
 
-register_trainer(nnUNetTrainer, epochs=False, repeats=True, export=False)
+register_trainer(nnUNetTrainer, epochs=False, repeats=True, export=False, timed="default")
