@@ -39,7 +39,7 @@ DEFAULT_VAL_ITERATIONS = 5
 #: training runs per arm: two, so that compare can weigh a method difference against run-to-run noise
 DEFAULT_REPEATS = 2
 #: configuration and default budget (epochs, iterations, validation iterations) per --dataset; inia19's budget is
-#: sized from measured CPU time to about 20 minutes for 5 folds x 2 trainers on an idle 2-core CPU (docs/inia19.md)
+#: sized from measured CPU time: 5 folds x 2 trainers x 2 runs took 14.4 min with 2 workers (docs/results_3d.md)
 CONFIGURATIONS = {"dsb2018": "2d", "inia19": "3d_fullres"}
 DEFAULT_BUDGETS = {
     "dsb2018": (DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_VAL_ITERATIONS),
