@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for the `slurm` tests of `nnunet-selfreg sweep`:
 #
+#   sudo .ci/slurm_cluster.sh install  # Debian's packages, where one of their programs is missing
 #   sudo .ci/slurm_cluster.sh up       # munged, slurmctld, slurmd; waits until the node is idle
 #   sudo .ci/slurm_cluster.sh status   # daemons and sinfo
 #   sudo .ci/slurm_cluster.sh down     # scontrol shutdown, munged stopped
@@ -21,11 +22,26 @@ HOST="$(hostname -s)"
 
 die() { echo "slurm_cluster.sh: $*" >&2; exit 1; }
 
+PACKAGES="slurmctld slurmd slurm-client munge"
+EXES="munged slurmctld slurmd sbatch scontrol sinfo"
+
+missing_exe() {
+    for exe in $EXES; do command -v "$exe" >/dev/null || { echo "$exe"; return; }; done
+}
+
 need_root() {
     [ "$(id -u)" = 0 ] || die "run as root (munged runs as user munge, slurmctld and slurmd as root)"
-    for exe in munged slurmctld slurmd sbatch scontrol sinfo; do
-        command -v "$exe" >/dev/null || die "$exe not found: apt-get install -y slurmctld slurmd slurm-client munge"
-    done
+    local exe
+    exe="$(missing_exe)"
+    [ -z "$exe" ] || die "$exe not found: apt-get install -y $PACKAGES (or: $0 install)"
+}
+
+install_packages() {
+    [ "$(id -u)" = 0 ] || die "run as root to install Debian's packages"
+    [ -n "$(missing_exe)" ] || return 0
+    echo "installing Debian's $PACKAGES"
+    # shellcheck disable=SC2086
+    apt-get install -y -q $PACKAGES >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $PACKAGES >/dev/null; }
 }
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -116,8 +132,9 @@ status() {
 }
 
 case "${1:-}" in
+    install) install_packages ;;
     up) up ;;
     down) down ;;
     status) status ;;
-    *) die "usage: $0 up|down|status" ;;
+    *) die "usage: $0 install|up|down|status" ;;
 esac
